@@ -1,0 +1,103 @@
+"""Fixtures: a real PostgreSQL+PostGIS+pgstac cluster, COGs on a real Range HTTP server."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from starlette.testclient import TestClient
+
+from tiler.embedded import LocalCluster
+from tiler.ingest import load
+from tiler.main import create_app
+from tiler.rangeserver import RangeHTTPServer
+from tiler.sample import generate
+from tiler.settings import CogSettings, DatabaseSettings, Settings
+
+MS_SIZE = 256  # 1.5 km scenes: pan is 1024 px with one overview level
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    root = Path(tempfile.mkdtemp(prefix="tiler-pg-"))
+    c = LocalCluster(root, free_port())
+    c.start()
+    c.migrate()
+    yield c
+    c.stop(mode="immediate")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cog_server():
+    root = Path(tempfile.mkdtemp(prefix="tiler-cogs-"))
+    server = RangeHTTPServer(root)
+    server.start_background()
+    yield server
+    server.shutdown()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class Sample:
+    """Generated scenes: where the COGs are and their STAC documents."""
+
+    directory: Path
+    collection: dict
+    items: list[dict]
+
+    def item(self, index: int) -> dict:
+        return self.items[index]
+
+    def path(self, index: int, asset: str) -> Path:
+        return self.directory / self.items[index]["assets"][asset]["href"].rsplit("/", 1)[1]
+
+
+@pytest.fixture(scope="session")
+def sample(cog_server) -> Sample:
+    """3 overlapping scenes whose COGs are served by `cog_server`."""
+    directory = Path(cog_server.directory)
+    coll, items = generate(directory, cog_server.url, n_scenes=3, ms_size=MS_SIZE)
+    return Sample(directory, coll, items)
+
+
+@pytest.fixture(scope="session")
+def dsn(cluster, sample) -> str:
+    """DSN of the cluster with the sample collection loaded."""
+    load(cluster.dsn, [sample.directory / "collection.json", sample.directory / "items.ndjson"], progress=False)
+    return cluster.dsn
+
+
+def make_settings(dsn: str, **cog) -> Settings:
+    return Settings(
+        db=DatabaseSettings(database_url=dsn, max_conn=4),
+        cog=CogSettings(**cog) if cog else CogSettings(),
+    )
+
+
+@pytest.fixture(scope="session")
+def app(dsn, cog_server):
+    return create_app(make_settings(dsn, enabled=True, allowed_prefixes=[cog_server.url + "/"]))
+
+
+@pytest.fixture(scope="session")
+def client(app):
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture()
+def db(dsn):
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        yield conn

@@ -1,0 +1,77 @@
+"""Independent expectations: tile grids and source pixels computed with pyproj + numpy."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import rasterio
+from rasterio.enums import ColorInterp
+from PIL import Image
+from pyproj import Transformer
+
+R = 6378137.0
+ORIGIN_SHIFT = math.pi * R
+
+_to_merc = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True)
+
+
+def mercator_tile(lon: float, lat: float, z: int) -> tuple[int, int]:
+    """XYZ tile containing lon/lat (standard slippy-map formula)."""
+    n = 2**z
+    x = int((lon + 180.0) / 360.0 * n)
+    y = int((1.0 - math.asinh(math.tan(math.radians(lat))) / math.pi) / 2.0 * n)
+    return x, y
+
+
+def mercator_tile_centres(x: int, y: int, z: int, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """EPSG:3857 coordinates of the pixel centres of tile z/x/y."""
+    span = 2 * ORIGIN_SHIFT / 2**z
+    minx = -ORIGIN_SHIFT + x * span
+    maxy = ORIGIN_SHIFT - y * span
+    res = span / size
+    xs = minx + (np.arange(size) + 0.5) * res
+    ys = maxy - (np.arange(size) + 0.5) * res
+    return np.meshgrid(xs, ys)
+
+
+def expected_nearest(path, xs: np.ndarray, ys: np.ndarray, src_crs_of_xy: str = "EPSG:3857"):
+    """Nearest-neighbour sample of the source COG at the given coordinates.
+
+    Returns (values (bands, H, W), valid mask (H, W)); outside the raster or on
+    nodata is invalid.
+    """
+    with rasterio.open(path) as src:
+        arr = src.read()
+        nodata = src.nodata
+        tr = Transformer.from_crs(src_crs_of_xy, src.crs, always_xy=True)
+        sx, sy = tr.transform(xs, ys)
+        t = src.transform  # north-up: x = c + col * a, y = f + row * e
+        cols = np.floor((np.asarray(sx) - t.c) / t.a).astype(int)
+        rows = np.floor((np.asarray(sy) - t.f) / t.e).astype(int)
+        inside = (cols >= 0) & (rows >= 0) & (cols < src.width) & (rows < src.height)
+        cols_c, rows_c = np.clip(cols, 0, src.width - 1), np.clip(rows, 0, src.height - 1)
+        values = arr[:, rows_c, cols_c]
+        valid = inside & np.all(values != nodata, axis=0)
+    return values, valid
+
+
+def read_tif(content: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a GeoTIFF response: (data, valid mask from the dataset mask)."""
+    with rasterio.MemoryFile(content) as mem, mem.open() as ds:
+        data = ds.read()
+        if ds.colorinterp[-1] == ColorInterp.alpha:
+            return data[:-1], data[-1] > 0
+        return data, ds.dataset_mask() > 0
+
+
+def read_png(content: bytes) -> np.ndarray:
+    """Decode a PNG/JPEG/WebP response to (H, W, C) uint8."""
+    return np.asarray(Image.open(io.BytesIO(content)))
+
+
+def lonlat_of_item_centre(item: dict) -> tuple[float, float]:
+    """Centre of an item's footprint bbox."""
+    w, s, e, n = item["bbox"]
+    return (w + e) / 2, (s + n) / 2

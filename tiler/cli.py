@@ -1,0 +1,161 @@
+"""``tiler`` command: serve, demo, ingest, sample-data, migrate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from tiler.logs import configure_logging
+
+
+@click.group()
+@click.option("--log-level", default="INFO", show_default=True, help="Python log level.")
+def cli(log_level: str) -> None:
+    """dinamis-tiler: dynamic tiles for SPOT 6/7 and Pléiades imagery in pgstac."""
+    configure_logging(log_level)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=lambda: int(os.environ.get("PORT", "8000")), show_default="8000 or $PORT", type=int)
+@click.option("--workers", default=1, show_default=True, type=int)
+def serve(host: str, port: int, workers: int) -> None:
+    """Serve an existing pgstac database (DATABASE_URL or PG* variables)."""
+    import uvicorn
+
+    uvicorn.run("tiler.main:create_app", factory=True, host=host, port=port, workers=workers, log_config=None)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--dsn", envvar="DATABASE_URL", help="pgstac DSN (default: DATABASE_URL or PG* variables).")
+def ingest(paths: tuple[str, ...], dsn: str | None) -> None:
+    """Validate then upsert STAC collections/items (JSON, NDJSON, static catalog) into pgstac."""
+    from tiler.ingest import InvalidStac, load
+    from tiler.settings import DatabaseSettings
+
+    dsn = dsn or DatabaseSettings().dsn
+    try:
+        ncoll, nitems = load(dsn, paths)
+    except InvalidStac as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"loaded {ncoll} collection(s) and {nitems} item(s)")
+
+
+@cli.command("sample-data")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--base-url", default="http://127.0.0.1:8081", show_default=True, help="URL the COGs will be served from.")
+@click.option("--scenes", default=3, show_default=True, type=click.IntRange(1, 50))
+@click.option("--size", default=512, show_default=True, type=click.IntRange(64, 8192), help="MS width in pixels (pan is 4x).")
+def sample_data(directory: Path, base_url: str, scenes: int, size: int) -> None:
+    """Generate SPOT 6/7-like MS+pan COGs, STAC items and a collection in DIRECTORY."""
+    from tiler.sample import generate
+
+    coll, items = generate(directory, base_url, n_scenes=scenes, ms_size=size)
+    click.echo(f"wrote {len(items)} scenes, {directory / 'collection.json'} and {directory / 'items.ndjson'}")
+
+
+@cli.command()
+@click.option("--dsn", envvar="DATABASE_URL", help="pgstac DSN (superuser or pgstac_admin).")
+def migrate(dsn: str | None) -> None:
+    """Install or upgrade the pgstac schema."""
+    from pypgstac.db import PgstacDB
+    from pypgstac.migrate import Migrate
+
+    from tiler.settings import DatabaseSettings
+
+    with PgstacDB(dsn=dsn or DatabaseSettings().dsn) as db:
+        click.echo(f"pgstac {Migrate(db).run_migration()}")
+
+
+@cli.command()
+@click.option("--port", default=lambda: int(os.environ.get("PORT", "8000")), show_default="8000 or $PORT", type=int)
+@click.option("--data-dir", default=".demo", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--pg-port", default=55432, show_default=True, type=int)
+@click.option("--cog-port", default=8081, show_default=True, type=int)
+@click.option("--scenes", default=3, show_default=True, type=click.IntRange(1, 50))
+@click.option("--size", default=1024, show_default=True, type=click.IntRange(64, 8192), help="MS width in pixels.")
+def demo(port: int, data_dir: Path, pg_port: int, cog_port: int, scenes: int, size: int) -> None:
+    """Start PostgreSQL+pgstac, sample data, a COG range server and the tile server.
+
+    Everything lives in DATA_DIR; Ctrl-C stops what was started. Running it
+    again reuses the cluster and the generated COGs.
+    """
+    import uvicorn
+
+    from tiler.embedded import LocalCluster
+    from tiler.ingest import load
+    from tiler.rangeserver import RangeHTTPServer
+    from tiler.sample import COLLECTION_ID, generate
+
+    log = logging.getLogger("tiler.demo")
+    data_dir = data_dir.resolve()
+    cluster = LocalCluster(data_dir / "postgres", pg_port)
+    log.info("starting PostgreSQL on 127.0.0.1:%d (data in %s)", pg_port, cluster.datadir)
+    try:
+        cluster.start()
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+    log.info("pgstac %s ready", cluster.migrate())
+
+    cog_dir = data_dir / "cogs"
+    cog_url = f"http://127.0.0.1:{cog_port}"
+    log.info("generating %d sample scenes in %s", scenes, cog_dir)
+    _, items = generate(cog_dir, cog_url, n_scenes=scenes, ms_size=size)
+    load(cluster.dsn, [cog_dir / "collection.json", cog_dir / "items.ndjson"], progress=False)
+
+    ranges = RangeHTTPServer(cog_dir, port=cog_port)
+    ranges.start_background()
+    log.info("serving COGs with Range support on %s", cog_url)
+
+    os.environ["DATABASE_URL"] = cluster.dsn
+    from tiler.main import create_app
+
+    app = create_app()
+    base = f"http://127.0.0.1:{port}"
+    item = items[0]["id"]
+    coll = COLLECTION_ID
+    search_hint = (
+        f"curl -s -X POST {base}/searches/register -H 'Content-Type: application/json' "
+        f"""-d '{json.dumps({"collections": [coll], "filter-lang": "cql2-json", "filter": {"op": "<=", "args": [{"property": "eo:cloud_cover"}, 20]}})}'"""
+    )
+    true_colour = "assets=ms%7Cbidx%3D3%2C2%2C1&rescale=200%2C1800"
+    click.echo(
+        f"""
+dinamis-tiler demo is starting on {base}
+  landing page     {base}/
+  API docs         {base}/api.html
+  collection viewer {base}/collections/{coll}/WebMercatorQuad/map.html?{true_colour}
+  item viewer      {base}/collections/{coll}/items/{item}/WebMercatorQuad/map.html?{true_colour}
+  XYZ template     {base}/collections/{coll}/tiles/WebMercatorQuad/{{z}}/{{x}}/{{y}}.png?{true_colour}
+  WMTS             {base}/collections/{coll}/WMTSCapabilities.xml?{true_colour}
+  item preview     {base}/collections/{coll}/items/{item}/preview.png?{true_colour}&max_size=512
+  register a search mosaic:
+    {search_hint}
+Ctrl-C stops the tile server, the COG server and PostgreSQL.
+"""
+    )
+
+    def _stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        uvicorn.run(app, host="127.0.0.1", port=port, log_config=None)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        log.info("stopping COG server and PostgreSQL")
+        ranges.shutdown()
+        cluster.stop()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    cli()

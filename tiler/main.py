@@ -1,0 +1,363 @@
+"""Application factory: composes titiler and titiler-pgstac factories.
+
+``create_app(settings)`` builds an app; ``app`` (for ``uvicorn tiler.main:app``)
+is built lazily from the environment on first access.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path as FsPath
+from typing import Any, Literal
+
+import jinja2
+import rasterio
+from fastapi import FastAPI, Query
+from pydantic import ValidationError
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+from starlette_cramjam.middleware import CompressionMiddleware
+from typing_extensions import Annotated
+
+from titiler.core import __version__ as titiler_version
+from titiler.core.factory import (
+    AlgorithmFactory,
+    ColorMapFactory,
+    MultiBaseTilerFactory,
+    TilerFactory,
+    TMSFactory,
+)
+from titiler.core.middleware import CacheControlMiddleware
+from titiler.core.models.OGC import Conformance, Landing
+from titiler.core.resources.enums import MediaType
+from titiler.core.utils import accept_media_type, create_html_response, update_openapi
+from titiler.extensions import stacRenderExtension, wmtsExtension
+from titiler.extensions.render import _adapt_render_for_v2
+from titiler.mosaic.extensions.wmts import wmtsExtension as mosaicWmtsExtension
+from titiler.pgstac import __version__ as titiler_pgstac_version
+from titiler.pgstac.dependencies import CollectionIdParams, ItemIdParams, SearchIdParams
+from titiler.pgstac.extensions import searchInfoExtension
+from titiler.pgstac.factory import (
+    MosaicTilerFactory,
+    add_search_list_route,
+    add_search_register_route,
+)
+from titiler.pgstac.reader import PgSTACReader
+from tiler import __version__
+from tiler.db import database_ok, open_pool, pgstac_version
+from tiler.dependencies import AssetIdParams, cog_url_dependency, gdal_env_dependency
+from tiler.errors import register_error_handlers
+from tiler.settings import Settings
+from tiler.tms import supported_tms
+
+logger = logging.getLogger(__name__)
+
+HERE = FsPath(__file__).parent
+
+NOT_CACHED = {r"^/healthz", r"^/livez", r"^/searches/?$", r"^/searches/list", r"^/searches/register"}
+
+
+def _templates() -> Jinja2Templates:
+    env = jinja2.Environment(
+        autoescape=jinja2.select_autoescape(["html", "xml"]),
+        loader=jinja2.ChoiceLoader(
+            [
+                jinja2.FileSystemLoader(str(HERE / "templates")),
+                jinja2.PackageLoader("titiler.pgstac", "templates"),
+                jinja2.PackageLoader("titiler.core", "templates"),
+            ]
+        ),
+    )
+    return Jinja2Templates(env=env)
+
+
+def _renders_from_metadata(src: Any) -> dict:
+    """Renders stored with a registered search (collection `renders`)."""
+    renders = src.info().metadata.defaults_params or {}
+    for render in renders.values():
+        _adapt_render_for_v2(render)
+    return renders
+
+
+def _renders_from_item(src: Any) -> dict:
+    """Renders declared in an item's properties."""
+    renders = dict(src.item.properties.get("renders", {}))
+    for render in renders.values():
+        _adapt_render_for_v2(render)
+    return renders
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
+    """Build the FastAPI application for ``settings`` (from the environment by default)."""
+    settings = settings or Settings()
+    api = settings.api
+    templates = _templates()
+    env_dep = gdal_env_dependency(settings.gdal)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.dbpool = open_pool(settings.db)
+        try:
+            yield
+        finally:
+            app.state.dbpool.close()
+
+    app = FastAPI(
+        title=api.name,
+        version=__version__,
+        description=(
+            "Dynamic tiles for SPOT 6/7 and Pléiades imagery catalogued in pgstac: "
+            "STAC items and assets, pgstac search and collection mosaics, XYZ, TileJSON, "
+            "WMTS and OGC API Tiles."
+        ),
+        openapi_url="/api",
+        docs_url="/api.html",
+        root_path=api.root_path,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    update_openapi(app)
+    register_error_handlers(app)
+    app.add_exception_handler(
+        ValidationError,
+        lambda request, exc: JSONResponse({"detail": exc.errors(include_url=False, include_context=False)}, status_code=422),
+    )
+
+    if api.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=api.cors_origins,
+            allow_credentials=False,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+        )
+    app.add_middleware(
+        CacheControlMiddleware,
+        cachecontrol=api.cachecontrol,
+        cachecontrol_max_http_code=400,
+        exclude_path=NOT_CACHED,
+    )
+    app.add_middleware(
+        CompressionMiddleware,
+        exclude_mediatype={"image/jpeg", "image/jpg", "image/png", "image/jp2", "image/webp", "image/tiff"},
+    )
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    conforms_to: set[str] = {
+        "http://www.opengis.net/spec/ogcapi-common-1/1.0/conf/core",
+        "http://www.opengis.net/spec/ogcapi-common-1/1.0/conf/landing-page",
+        "http://www.opengis.net/spec/ogcapi-common-1/1.0/conf/oas30",
+        "http://www.opengis.net/spec/ogcapi-common-1/1.0/conf/html",
+        "http://www.opengis.net/spec/ogcapi-common-1/1.0/conf/json",
+    }
+
+    def mosaic_factory(path_dependency, prefix: str) -> MosaicTilerFactory:
+        return MosaicTilerFactory(
+            path_dependency=path_dependency,
+            router_prefix=prefix,
+            add_statistics=True,
+            add_viewer=True,
+            add_part=True,
+            get_renders=_renders_from_metadata,
+            environment_dependency=env_dep,
+            supported_tms=supported_tms,
+            extensions=[searchInfoExtension(), mosaicWmtsExtension()],
+            templates=templates,
+        )
+
+    # pgstac searches (mosaics of a registered query)
+    searches = mosaic_factory(SearchIdParams, "/searches/{search_id}")
+    app.include_router(searches.router, tags=["STAC Search"], prefix="/searches/{search_id}")
+    add_search_list_route(app, prefix="/searches", tags=["STAC Search"])
+    add_search_register_route(
+        app,
+        prefix="/searches",
+        tile_dependencies=[
+            searches.layer_dependency,
+            searches.dataset_dependency,
+            searches.pixel_selection_dependency,
+            searches.process_dependency,
+            searches.render_dependency,
+            searches.assets_accessor_dependency,
+            searches.reader_dependency,
+            searches.backend_dependency,
+        ],
+        tags=["STAC Search"],
+    )
+    conforms_to |= searches.conforms_to
+
+    # collections (mosaic of every item of a collection)
+    collections = mosaic_factory(CollectionIdParams, "/collections/{collection_id}")
+    app.include_router(collections.router, tags=["STAC Collection"], prefix="/collections/{collection_id}")
+    conforms_to |= collections.conforms_to
+
+    # single STAC items
+    items = MultiBaseTilerFactory(
+        reader=PgSTACReader,
+        path_dependency=ItemIdParams,
+        router_prefix="/collections/{collection_id}/items/{item_id}",
+        add_viewer=True,
+        get_renders=_renders_from_item,
+        environment_dependency=env_dep,
+        supported_tms=supported_tms,
+        extensions=[wmtsExtension(), stacRenderExtension()],
+        templates=templates,
+    )
+    app.include_router(items.router, tags=["STAC Item"], prefix="/collections/{collection_id}/items/{item_id}")
+    conforms_to |= items.conforms_to
+
+    # single assets of STAC items
+    if api.enable_assets_endpoints:
+        assets = TilerFactory(
+            path_dependency=AssetIdParams,
+            router_prefix="/collections/{collection_id}/items/{item_id}/assets/{asset_id}",
+            add_viewer=True,
+            environment_dependency=env_dep,
+            supported_tms=supported_tms,
+            extensions=[wmtsExtension()],
+            templates=templates,
+        )
+        app.include_router(
+            assets.router,
+            tags=["STAC Asset"],
+            prefix="/collections/{collection_id}/items/{item_id}/assets/{asset_id}",
+        )
+        conforms_to |= assets.conforms_to
+
+    # COGs by URL, allow-listed (off by default)
+    if settings.cog.enabled:
+        cog = TilerFactory(
+            path_dependency=cog_url_dependency(settings.cog),
+            router_prefix="/cog",
+            add_viewer=True,
+            environment_dependency=env_dep,
+            supported_tms=supported_tms,
+            extensions=[wmtsExtension()],
+            templates=templates,
+        )
+        app.include_router(cog.router, tags=["Cloud Optimized GeoTIFF"], prefix="/cog")
+        conforms_to |= cog.conforms_to
+
+    for factory in (TMSFactory(supported_tms=supported_tms, templates=templates), AlgorithmFactory(templates=templates), ColorMapFactory(templates=templates)):
+        app.include_router(factory.router, tags=["Tiling Schemes, Algorithms, Colormaps"])
+        conforms_to |= factory.conforms_to
+
+    versions = {
+        "dinamis-tiler": __version__,
+        "titiler": titiler_version,
+        "titiler.pgstac": titiler_pgstac_version,
+        "rasterio": rasterio.__version__,
+        "gdal": rasterio.__gdal_version__,
+        "proj": rasterio.__proj_version__,
+    }
+
+    @app.get("/livez", tags=["Health"], summary="Liveness: the process answers (no I/O).")
+    def livez() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get(
+        "/healthz",
+        tags=["Health"],
+        summary="Readiness: database reachable; versions. 503 when the database is down.",
+        responses={503: {"description": "Database unreachable"}},
+    )
+    def healthz(request: Request) -> JSONResponse:
+        pool = request.app.state.dbpool
+        ok = database_ok(pool)
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "database_online": ok,
+            "pgstac": pgstac_version(pool) if ok else None,
+            "versions": versions,
+        }
+        return JSONResponse(body, status_code=200 if ok else 503, headers={"Cache-Control": "no-store"})
+
+    app.add_api_route("/readyz", healthz, methods=["GET"], tags=["Health"], include_in_schema=False)
+
+    def _respond(request: Request, f: str | None, data: dict, template: str, title: str):
+        if f:
+            output = MediaType[f]
+        else:
+            output = accept_media_type(request.headers.get("accept", ""), [MediaType.html, MediaType.json]) or MediaType.json
+        if output == MediaType.html:
+            return create_html_response(request, data, template, title=title, templates=templates)
+        return data
+
+    @app.get(
+        "/",
+        response_model=Landing,
+        response_model_exclude_none=True,
+        responses={200: {"content": {"text/html": {}, "application/json": {}}}},
+        tags=["OGC Common"],
+    )
+    def landing(
+        request: Request,
+        f: Annotated[Literal["html", "json"] | None, Query(description="Response format.")] = None,
+    ):
+        """Landing page: links to the API, collections viewer templates and tiling schemes."""
+        base = str(request.base_url).rstrip("/")
+
+        def link(title: str, href: str, rel: str, type_: str, templated: bool = False) -> dict:
+            out = {"title": title, "href": href, "rel": rel, "type": type_}
+            if templated:
+                out["templated"] = True
+            return out
+
+        data = {
+            "title": api.name,
+            "description": "Dynamic tiles for SPOT 6/7 and Pléiades imagery (DINAMIS).",
+            "links": [
+                link("Landing page", str(request.url_for("landing")), "self", "text/html"),
+                link("API definition (JSON)", str(request.url_for("openapi")), "service-desc", "application/vnd.oai.openapi+json;version=3.0"),
+                link("API documentation", str(request.url_for("swagger_ui_html")), "service-doc", "text/html"),
+                link("Conformance", str(request.url_for("conformance")), "http://www.opengis.net/def/rel/ogc/1.0/conformance", "application/json"),
+                link("Registered searches (mosaics)", base + app.url_path_for("list_searches"), "data", "application/json"),
+                link(
+                    "Collection mosaic viewer",
+                    base + "/collections/{collection_id}/WebMercatorQuad/map.html",
+                    "data", "text/html", templated=True,
+                ),
+                link(
+                    "Item viewer",
+                    base + "/collections/{collection_id}/items/{item_id}/WebMercatorQuad/map.html",
+                    "data", "text/html", templated=True,
+                ),
+                link(
+                    "Collection WMTS capabilities",
+                    base + "/collections/{collection_id}/WMTSCapabilities.xml",
+                    "data", "application/xml", templated=True,
+                ),
+                link("Tiling schemes", str(request.url_for("tilematrixsets")), "http://www.opengis.net/def/rel/ogc/1.0/tiling-schemes", "application/json"),
+                link("Health", base + "/healthz", "data", "application/json"),
+            ],
+        }
+        return _respond(request, f, data, "landing", api.name)
+
+    @app.get(
+        "/conformance",
+        response_model=Conformance,
+        response_model_exclude_none=True,
+        responses={200: {"content": {"text/html": {}, "application/json": {}}}},
+        tags=["OGC Common"],
+    )
+    def conformance(
+        request: Request,
+        f: Annotated[Literal["html", "json"] | None, Query(description="Response format.")] = None,
+    ):
+        """OGC conformance classes."""
+        return _respond(request, f, {"conformsTo": sorted(conforms_to)}, "conformance", "Conformance")
+
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    """Build ``app`` from the environment on first access (``uvicorn tiler.main:app``)."""
+    if name == "app":
+        application = create_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)
