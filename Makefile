@@ -1,0 +1,19 @@
+.PHONY: setup demo test lint clean
+
+setup:
+	bash scripts/setup.sh
+
+## Start PostgreSQL+pgstac, sample SPOT-like data, a COG range server and the tiler on :8000 ($PORT)
+demo: setup
+	.venv/bin/tiler demo
+
+## Run the whole test suite (real PostgreSQL, real HTTP range server)
+test: setup
+	.venv/bin/python -m pytest -q -p no:cacheprovider
+
+lint: setup
+	.venv/bin/python -m pip install -q ruff
+	.venv/bin/ruff check tiler
+
+clean:
+	rm -rf .demo .pytest_cache

@@ -1,0 +1,126 @@
+"""The service as a user meets it: `tiler serve` with PG* variables, health, landing, viewer, headers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+
+def test_range_server_honours_range(cog_server, sample):
+    url = sample.item(0)["assets"]["ms"]["href"]
+    data = sample.path(0, "ms").read_bytes()
+    r = httpx.get(url, headers={"Range": "bytes=100-1123"})
+    assert r.status_code == 206
+    assert r.content == data[100:1124]
+    assert r.headers["content-range"] == f"bytes 100-1123/{len(data)}"
+    r = httpx.get(url, headers={"Range": "bytes=-10"})
+    assert r.content == data[-10:]
+    assert httpx.get(url, headers={"Range": f"bytes={len(data) + 5}-"}).status_code == 416
+    assert httpx.get(cog_server.url + "/missing.tif").status_code == 404
+
+
+def test_sample_scenes_are_spot_like(sample):
+    import rasterio
+
+    ms, pan = sample.path(0, "ms"), sample.path(0, "pan")
+    with rasterio.open(ms) as m, rasterio.open(pan) as p:
+        assert (m.count, m.dtypes[0], m.res, m.nodata) == (4, "uint16", (6.0, 6.0), 0)
+        assert (p.count, p.res) == (1, (1.5, 1.5))
+        assert m.profile["blockxsize"] == 256 or m.profile["blockxsize"] == 512
+        assert p.overviews(1), "pan has overviews"
+        a = m.read(masked=True)
+        # structure: neither flat nor noise (neighbouring pixels correlate)
+        red = a[2].filled(0).astype(float)
+        assert red.std() > 100
+        corr = __import__("numpy").corrcoef(red[:, :-1].ravel(), red[:, 1:].ravel())[0, 1]
+        assert corr > 0.5
+    item = sample.item(0)
+    assert [b["common_name"] for b in item["assets"]["ms"]["eo:bands"]] == ["blue", "green", "red", "nir"]
+    assert item["assets"]["ms"]["file:header_size"] > 0
+    assert "natural" in sample.collection["renders"]
+
+
+def test_health_landing_viewer_and_headers(client, sample):
+    r = client.get("/healthz")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["database_online"] is True and body["pgstac"].startswith("0.9")
+    assert body["versions"]["titiler.pgstac"].startswith("3.2")
+    assert r.headers["cache-control"] == "no-store"
+    assert client.get("/livez").json() == {"status": "alive"}
+
+    land = client.get("/", params={"f": "json"}).json()
+    assert any(link["rel"] == "service-desc" for link in land["links"])
+    assert "html" in client.get("/", headers={"accept": "text/html"}).headers["content-type"]
+
+    item = sample.item(0)["id"]
+    r = client.get(f"/collections/spot67-demo/items/{item}/WebMercatorQuad/map.html", params={"assets": "ms"})
+    assert r.status_code == 200
+    assert "unpkg.com" not in r.text and "/static/vendor/leaflet.js" in r.text
+    assert client.get("/static/vendor/leaflet.js").status_code == 200
+
+    ok = client.get(f"/collections/spot67-demo/items/{item}/preview.png", params={"assets": "ms|bidx=3,2,1", "rescale": "200,1800", "max_size": 64})
+    assert ok.headers["cache-control"].startswith("public")
+    bad = client.get(f"/collections/spot67-demo/items/{item}/preview.png", params={"assets": "nope"})
+    assert bad.status_code >= 400 and "public" not in bad.headers.get("cache-control", "")
+
+    tms = client.get("/tileMatrixSets").json()
+    ids = {t["id"] for t in tms["tileMatrixSets"]}
+    assert {"WebMercatorQuad", "WGS1984Quad"} <= ids and "CDB1GlobalGrid" not in ids
+
+
+@pytest.fixture()
+def served(cluster, dsn):
+    """`tiler serve` in a subprocess, configured only by PG* variables."""
+    port = free_port()
+    parts = urllib.parse.urlsplit(cluster.dsn)
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "DATABASE_URL"
+    } | {
+        "PGHOST": "127.0.0.1",
+        "PGPORT": str(parts.port),
+        "PGUSER": parts.username,
+        "PGPASSWORD": urllib.parse.unquote(parts.password),
+        "PGDATABASE": "pgstac",
+        "PORT": str(port),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tiler.cli", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(base + "/livez", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    yield base, proc, parts.password
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_tiler_serve_with_pg_variables(served, sample):
+    base, proc, password = served
+    r = httpx.get(base + "/healthz", timeout=10)
+    assert r.status_code == 200 and r.json()["database_online"] is True
+    item = sample.item(0)["id"]
+    r = httpx.get(
+        f"{base}/collections/spot67-demo/items/{item}/preview.png",
+        params={"assets": "ms|bidx=3,2,1", "rescale": "200,1800", "max_size": 64},
+        timeout=20,
+    )
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    proc.terminate()
+    out, _ = proc.communicate(timeout=10)
+    assert "connected to postgresql://postgres@127.0.0.1" in out
+    assert password not in out  # the password never reaches the log
