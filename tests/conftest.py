@@ -75,7 +75,9 @@ def sample(cog_server) -> Sample:
 @pytest.fixture(scope="session")
 def dsn(cluster, sample) -> str:
     """DSN of the cluster with the sample collection loaded."""
-    load(cluster.dsn, [sample.directory / "collection.json", sample.directory / "items.ndjson"], progress=False)
+    load(
+        cluster.dsn, [sample.directory / "collection.json", sample.directory / "items.ndjson"], progress=False
+    )
     return cluster.dsn
 
 

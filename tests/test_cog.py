@@ -10,7 +10,13 @@ import pytest
 from starlette.testclient import TestClient
 
 from tests.conftest import make_settings
-from tests.helpers import expected_nearest, lonlat_of_item_centre, mercator_tile, mercator_tile_centres, read_tif
+from tests.helpers import (
+    expected_nearest,
+    lonlat_of_item_centre,
+    mercator_tile,
+    mercator_tile_centres,
+    read_tif,
+)
 from tiler.dependencies import validate_dataset_url
 from tiler.errors import DatasetURLNotAllowed, InvalidDatasetURL
 from tiler.main import create_app
@@ -28,7 +34,11 @@ def private(_host):
 
 @pytest.mark.parametrize(
     "url",
-    ["https://data.example.org/cogs/a.tif", "https://DATA.example.org/cogs/sub/b.tif", "http://127.0.0.1:8081/x.tif"],
+    [
+        "https://data.example.org/cogs/a.tif",
+        "https://DATA.example.org/cogs/sub/b.tif",
+        "http://127.0.0.1:8081/x.tif",
+    ],
 )
 def test_validator_accepts_allowed(url):
     assert validate_dataset_url(url, PREFIXES, resolve=public) == url
@@ -69,7 +79,9 @@ def test_validator_refuses_allowed_name_resolving_to_private_address():
     with pytest.raises(DatasetURLNotAllowed):
         validate_dataset_url("https://data.example.org/cogs/a.tif", PREFIXES, resolve=private)
     with pytest.raises(DatasetURLNotAllowed):
-        validate_dataset_url("https://data.example.org/cogs/a.tif", PREFIXES, resolve=lambda h: ["169.254.169.254"])
+        validate_dataset_url(
+            "https://data.example.org/cogs/a.tif", PREFIXES, resolve=lambda h: ["169.254.169.254"]
+        )
 
 
 def test_cog_tile_pixels(client, sample, cog_server):

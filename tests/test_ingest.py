@@ -31,6 +31,7 @@ def test_ingest_and_upsert(dsn, db, sample, tmp_path):
     paths = copy_items(sample, tmp_path)
     assert load(dsn, paths, progress=False) == (1, 3)
     assert count(db, "ingest-test") == 3
+
     # upsert: same ids, changed property, no duplicates
     def bump(items):
         items[0]["properties"]["eo:cloud_cover"] = 42.0

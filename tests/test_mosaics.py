@@ -53,7 +53,8 @@ def test_collection_mosaic_newest_scene_on_top(client, sample):
 def test_collection_mosaic_sortby_ascending(client, sample):
     x, y = overlap_tile(sample, 0, 1)
     r = client.get(
-        f"/collections/{C}/tiles/WebMercatorQuad/{Z}/{x}/{y}.tif", params={"assets": "ms", "sortby": "datetime"}
+        f"/collections/{C}/tiles/WebMercatorQuad/{Z}/{x}/{y}.tif",
+        params={"assets": "ms", "sortby": "datetime"},
     )
     assert r.status_code == 200, r.text
     got, valid = read_tif(r.content)
@@ -135,14 +136,19 @@ def test_mosaic_assets_for_tile(client, sample):
 
 
 def test_mosaic_tilejson_wmts_and_png(client, sample):
-    r = client.get(f"/collections/{C}/WebMercatorQuad/tilejson.json", params={"assets": "ms|bidx=3,2,1", "rescale": "200,1800"})
+    r = client.get(
+        f"/collections/{C}/WebMercatorQuad/tilejson.json",
+        params={"assets": "ms|bidx=3,2,1", "rescale": "200,1800"},
+    )
     tj = r.json()
     w, s, e, n = tj["bounds"]
     for it in sample.items:
         assert w <= it["bbox"][0] + 1e-6 and e >= it["bbox"][2] - 1e-6
     assert tj["raster_layers"]["natural"]["assets"] == ["ms|bidx=3,2,1"]
 
-    r = client.get(f"/collections/{C}/WMTSCapabilities.xml", params={"assets": "ms|bidx=3,2,1", "rescale": "200,1800"})
+    r = client.get(
+        f"/collections/{C}/WMTSCapabilities.xml", params={"assets": "ms|bidx=3,2,1", "rescale": "200,1800"}
+    )
     assert r.status_code == 200
     assert "ResourceURL" in r.text and "WebMercatorQuad" in r.text
 
@@ -162,10 +168,18 @@ def test_mosaic_tilejson_wmts_and_png(client, sample):
     [
         ("/collections/NOPE/tiles/WebMercatorQuad/15/1/1.png", {"assets": "ms"}, {404}),
         ("/searches/0000deadbeef/tiles/WebMercatorQuad/15/1/1.png", {"assets": "ms"}, {404}),
-        (f"/collections/{C}/tiles/WebMercatorQuad/15/1/1.png", {"assets": "ms", "pixel_selection": "bogus"}, {422}),
+        (
+            f"/collections/{C}/tiles/WebMercatorQuad/15/1/1.png",
+            {"assets": "ms", "pixel_selection": "bogus"},
+            {422},
+        ),
         (f"/collections/{C}/tiles/WebMercatorQuad/15/1/1.png", {"assets": "ms", "bbox": "1,2,3"}, {400, 422}),
         (f"/collections/{C}/tiles/WebMercatorQuad/15/1/1.png", {"assets": "ms", "filter": "((("}, {400, 422}),
-        (f"/collections/{C}/tiles/WebMercatorQuad/15/1/1.png", {"assets": "ms", "datetime": "notadate"}, {400, 422}),
+        (
+            f"/collections/{C}/tiles/WebMercatorQuad/15/1/1.png",
+            {"assets": "ms", "datetime": "notadate"},
+            {400, 422},
+        ),
     ],
 )
 def test_mosaic_bad_parameters_are_4xx_json(client, url, params, codes):

@@ -68,7 +68,10 @@ def test_health_landing_viewer_and_headers(client, sample):
     assert "unpkg.com" not in r.text and "/static/vendor/leaflet.js" in r.text
     assert client.get("/static/vendor/leaflet.js").status_code == 200
 
-    ok = client.get(f"/collections/spot67-demo/items/{item}/preview.png", params={"assets": "ms|bidx=3,2,1", "rescale": "200,1800", "max_size": 64})
+    ok = client.get(
+        f"/collections/spot67-demo/items/{item}/preview.png",
+        params={"assets": "ms|bidx=3,2,1", "rescale": "200,1800", "max_size": 64},
+    )
     assert ok.headers["cache-control"].startswith("public")
     bad = client.get(f"/collections/spot67-demo/items/{item}/preview.png", params={"assets": "nope"})
     assert bad.status_code >= 400 and "public" not in bad.headers.get("cache-control", "")
@@ -83,9 +86,7 @@ def served(cluster, dsn):
     """`tiler serve` in a subprocess, configured only by PG* variables."""
     port = free_port()
     parts = urllib.parse.urlsplit(cluster.dsn)
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "DATABASE_URL"
-    } | {
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "DATABASE_URL"} | {
         "PGHOST": "127.0.0.1",
         "PGPORT": str(parts.port),
         "PGUSER": parts.username,
@@ -94,7 +95,11 @@ def served(cluster, dsn):
         "PORT": str(port),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tiler.cli", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [sys.executable, "-m", "tiler.cli", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

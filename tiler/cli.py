@@ -23,7 +23,9 @@ def cli(log_level: str) -> None:
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=lambda: int(os.environ.get("PORT", "8000")), show_default="8000 or $PORT", type=int)
+@click.option(
+    "--port", default=lambda: int(os.environ.get("PORT", "8000")), show_default="8000 or $PORT", type=int
+)
 @click.option("--workers", default=1, show_default=True, type=int)
 def serve(host: str, port: int, workers: int) -> None:
     """Serve an existing pgstac database (DATABASE_URL or PG* variables)."""
@@ -50,9 +52,17 @@ def ingest(paths: tuple[str, ...], dsn: str | None) -> None:
 
 @cli.command("sample-data")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--base-url", default="http://127.0.0.1:8081", show_default=True, help="URL the COGs will be served from.")
+@click.option(
+    "--base-url", default="http://127.0.0.1:8081", show_default=True, help="URL the COGs will be served from."
+)
 @click.option("--scenes", default=3, show_default=True, type=click.IntRange(1, 50))
-@click.option("--size", default=512, show_default=True, type=click.IntRange(64, 8192), help="MS width in pixels (pan is 4x).")
+@click.option(
+    "--size",
+    default=512,
+    show_default=True,
+    type=click.IntRange(64, 8192),
+    help="MS width in pixels (pan is 4x).",
+)
 def sample_data(directory: Path, base_url: str, scenes: int, size: int) -> None:
     """Generate SPOT 6/7-like MS+pan COGs, STAC items and a collection in DIRECTORY."""
     from tiler.sample import generate
@@ -75,12 +85,18 @@ def migrate(dsn: str | None) -> None:
 
 
 @cli.command()
-@click.option("--port", default=lambda: int(os.environ.get("PORT", "8000")), show_default="8000 or $PORT", type=int)
-@click.option("--data-dir", default=".demo", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--port", default=lambda: int(os.environ.get("PORT", "8000")), show_default="8000 or $PORT", type=int
+)
+@click.option(
+    "--data-dir", default=".demo", show_default=True, type=click.Path(file_okay=False, path_type=Path)
+)
 @click.option("--pg-port", default=55432, show_default=True, type=int)
 @click.option("--cog-port", default=8081, show_default=True, type=int)
 @click.option("--scenes", default=3, show_default=True, type=click.IntRange(1, 50))
-@click.option("--size", default=1024, show_default=True, type=click.IntRange(64, 8192), help="MS width in pixels.")
+@click.option(
+    "--size", default=1024, show_default=True, type=click.IntRange(64, 8192), help="MS width in pixels."
+)
 def demo(port: int, data_dir: Path, pg_port: int, cog_port: int, scenes: int, size: int) -> None:
     """Start PostgreSQL+pgstac, sample data, a COG range server and the tile server.
 

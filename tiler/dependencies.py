@@ -8,10 +8,10 @@ from collections.abc import Callable, Sequence
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from fastapi import HTTPException, Path, Query
+from fastapi import Path, Query
 from starlette.requests import Request
-
 from titiler.pgstac.dependencies import get_stac_item
+
 from tiler.errors import AssetNotFound, DatasetURLNotAllowed, InvalidDatasetURL
 from tiler.settings import CogSettings, GdalSettings
 
@@ -68,6 +68,7 @@ def validate_dataset_url(
     Raises:
         InvalidDatasetURL: the value cannot be a remote COG URL (400).
         DatasetURLNotAllowed: well-formed but not allowed (403).
+
     """
     if not url or len(url) > MAX_URL_LENGTH:
         raise InvalidDatasetURL(f"Dataset URL must be 1 to {MAX_URL_LENGTH} characters")
@@ -153,11 +154,3 @@ def AssetIdParams(  # noqa: N802 - titiler naming
             f"Item '{item_id}' has no asset '{asset_id}' (has: {', '.join(sorted(item.assets))})"
         )
     return asset.get_absolute_href() or asset.href
-
-
-def require_collection(request: Request, collection_id: str) -> None:
-    """404 unless the collection exists (used where titiler would answer 500)."""
-    with request.app.state.dbpool.connection() as conn:
-        row = conn.execute("SELECT 1 FROM pgstac.collections WHERE id = %s", (collection_id,)).fetchone()
-    if not row:
-        raise HTTPException(status_code=404, detail=f"Collection '{collection_id}' not found")

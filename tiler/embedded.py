@@ -65,9 +65,7 @@ class LocalCluster:
     @property
     def dsn(self) -> str:
         """Connection string for the pgstac database."""
-        return (
-            f"postgresql://{self.superuser}:{self.password}@127.0.0.1:{self.port}/{self.dbname}"
-        )
+        return f"postgresql://{self.superuser}:{self.password}@127.0.0.1:{self.port}/{self.dbname}"
 
     def _as_owner(self, argv: list[str]) -> list[str]:
         if os.geteuid() == 0:
@@ -75,9 +73,7 @@ class LocalCluster:
         return argv
 
     def _run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            self._as_owner(argv), check=True, capture_output=True, text=True, **kw
-        )
+        return subprocess.run(self._as_owner(argv), check=True, capture_output=True, text=True, **kw)
 
     def _prepare_root(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -192,9 +188,7 @@ class LocalCluster:
     def stop(self, mode: str = "fast") -> None:
         """Stop the server if it runs."""
         if self.is_running():
-            self._run(
-                [str(pg_bindir() / "pg_ctl"), "stop", "-w", "-m", mode, "-D", str(self.datadir)]
-            )
+            self._run([str(pg_bindir() / "pg_ctl"), "stop", "-w", "-m", mode, "-D", str(self.datadir)])
 
     def restart(self) -> None:
         """Stop then start the server (used by fault tests)."""

@@ -12,7 +12,6 @@ from rasterio.errors import RasterioIOError
 from starlette import status
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-
 from titiler.core.errors import DEFAULT_STATUS_CODES, TilerError, add_exception_handlers
 from titiler.mosaic.errors import MOSAIC_STATUS_CODES
 from titiler.pgstac.errors import PGSTAC_STATUS_CODES

@@ -52,10 +52,14 @@ def _classify(doc: object, where: str, out: Documents) -> None:
 def _read_catalog(path: str, out: Documents) -> None:
     cat = pystac.Catalog.from_file(path)
     for coll in cat.get_all_collections():
-        out.collections.append((f"{path} -> {coll.id}", coll.to_dict(include_self_link=False, transform_hrefs=False)))
+        out.collections.append(
+            (f"{path} -> {coll.id}", coll.to_dict(include_self_link=False, transform_hrefs=False))
+        )
     for item in cat.get_items(recursive=True):
         item.make_asset_hrefs_absolute()
-        out.items.append((f"{path} -> {item.id}", item.to_dict(include_self_link=False, transform_hrefs=False)))
+        out.items.append(
+            (f"{path} -> {item.id}", item.to_dict(include_self_link=False, transform_hrefs=False))
+        )
 
 
 def read_documents(paths: Iterable[str | Path]) -> Documents:
@@ -110,7 +114,9 @@ def validate(docs: Documents, known_collections: set[str] | None = None) -> None
         if not item.get("collection"):
             problems.append(f"{where}: item {item['id']!r} has no 'collection'")
         elif item["collection"] not in available:
-            problems.append(f"{where}: item {item['id']!r} refers to unknown collection {item['collection']!r}")
+            problems.append(
+                f"{where}: item {item['id']!r} refers to unknown collection {item['collection']!r}"
+            )
         if not item.get("assets"):
             problems.append(f"{where}: item {item['id']!r} has no assets")
         if len(problems) >= 20:

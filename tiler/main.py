@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path as FsPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import jinja2
 import rasterio
@@ -21,8 +21,6 @@ from starlette.responses import JSONResponse
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette_cramjam.middleware import CompressionMiddleware
-from typing_extensions import Annotated
-
 from titiler.core import __version__ as titiler_version
 from titiler.core.factory import (
     AlgorithmFactory,
@@ -47,6 +45,7 @@ from titiler.pgstac.factory import (
     add_search_register_route,
 )
 from titiler.pgstac.reader import PgSTACReader
+
 from tiler import __version__
 from tiler.db import database_ok, open_pool, pgstac_version
 from tiler.dependencies import AssetIdParams, cog_url_dependency, gdal_env_dependency
@@ -124,7 +123,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     register_error_handlers(app)
     app.add_exception_handler(
         ValidationError,
-        lambda request, exc: JSONResponse({"detail": exc.errors(include_url=False, include_context=False)}, status_code=422),
+        lambda request, exc: JSONResponse(
+            {"detail": exc.errors(include_url=False, include_context=False)}, status_code=422
+        ),
     )
 
     if api.cors_origins:
@@ -207,7 +208,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         extensions=[wmtsExtension(), stacRenderExtension()],
         templates=templates,
     )
-    app.include_router(items.router, tags=["STAC Item"], prefix="/collections/{collection_id}/items/{item_id}")
+    app.include_router(
+        items.router, tags=["STAC Item"], prefix="/collections/{collection_id}/items/{item_id}"
+    )
     conforms_to |= items.conforms_to
 
     # single assets of STAC items
@@ -242,7 +245,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         app.include_router(cog.router, tags=["Cloud Optimized GeoTIFF"], prefix="/cog")
         conforms_to |= cog.conforms_to
 
-    for factory in (TMSFactory(supported_tms=supported_tms, templates=templates), AlgorithmFactory(templates=templates), ColorMapFactory(templates=templates)):
+    for factory in (
+        TMSFactory(supported_tms=supported_tms, templates=templates),
+        AlgorithmFactory(templates=templates),
+        ColorMapFactory(templates=templates),
+    ):
         app.include_router(factory.router, tags=["Tiling Schemes, Algorithms, Colormaps"])
         conforms_to |= factory.conforms_to
 
@@ -282,7 +289,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         if f:
             output = MediaType[f]
         else:
-            output = accept_media_type(request.headers.get("accept", ""), [MediaType.html, MediaType.json]) or MediaType.json
+            output = (
+                accept_media_type(request.headers.get("accept", ""), [MediaType.html, MediaType.json])
+                or MediaType.json
+            )
         if output == MediaType.html:
             return create_html_response(request, data, template, title=title, templates=templates)
         return data
@@ -312,26 +322,54 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
             "description": "Dynamic tiles for SPOT 6/7 and Pléiades imagery (DINAMIS).",
             "links": [
                 link("Landing page", str(request.url_for("landing")), "self", "text/html"),
-                link("API definition (JSON)", str(request.url_for("openapi")), "service-desc", "application/vnd.oai.openapi+json;version=3.0"),
-                link("API documentation", str(request.url_for("swagger_ui_html")), "service-doc", "text/html"),
-                link("Conformance", str(request.url_for("conformance")), "http://www.opengis.net/def/rel/ogc/1.0/conformance", "application/json"),
-                link("Registered searches (mosaics)", base + app.url_path_for("list_searches"), "data", "application/json"),
+                link(
+                    "API definition (JSON)",
+                    str(request.url_for("openapi")),
+                    "service-desc",
+                    "application/vnd.oai.openapi+json;version=3.0",
+                ),
+                link(
+                    "API documentation", str(request.url_for("swagger_ui_html")), "service-doc", "text/html"
+                ),
+                link(
+                    "Conformance",
+                    str(request.url_for("conformance")),
+                    "http://www.opengis.net/def/rel/ogc/1.0/conformance",
+                    "application/json",
+                ),
+                link(
+                    "Registered searches (mosaics)",
+                    base + app.url_path_for("list_searches"),
+                    "data",
+                    "application/json",
+                ),
                 link(
                     "Collection mosaic viewer",
                     base + "/collections/{collection_id}/WebMercatorQuad/map.html",
-                    "data", "text/html", templated=True,
+                    "data",
+                    "text/html",
+                    templated=True,
                 ),
                 link(
                     "Item viewer",
                     base + "/collections/{collection_id}/items/{item_id}/WebMercatorQuad/map.html",
-                    "data", "text/html", templated=True,
+                    "data",
+                    "text/html",
+                    templated=True,
                 ),
                 link(
                     "Collection WMTS capabilities",
                     base + "/collections/{collection_id}/WMTSCapabilities.xml",
-                    "data", "application/xml", templated=True,
+                    "data",
+                    "application/xml",
+                    templated=True,
                 ),
-                link("Tiling schemes", str(request.url_for("tilematrixsets")), "http://www.opengis.net/def/rel/ogc/1.0/tiling-schemes", "application/json"),
+                link(
+                    "Tiling schemes",
+                    str(request.url_for("tilematrixsets")),
+                    "http://www.opengis.net/def/rel/ogc/1.0/tiling-schemes",
+                    "application/json",
+                ),
                 link("Health", base + "/healthz", "data", "application/json"),
             ],
         }

@@ -72,7 +72,9 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
             status = HTTPStatus.PARTIAL_CONTENT
         length = end - start + 1
         self.send_response(status)
-        self.send_header("Content-Type", "image/tiff" if path.suffix in (".tif", ".tiff") else self.guess_type(str(path)))
+        self.send_header(
+            "Content-Type", "image/tiff" if path.suffix in (".tif", ".tiff") else self.guess_type(str(path))
+        )
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(length))
         self.send_header("Last-Modified", formatdate(path.stat().st_mtime, usegmt=True))

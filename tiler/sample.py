@@ -145,7 +145,7 @@ def default_scenes(n: int = 3, ms_size: int = 512) -> list[Scene]:
     """``n`` overlapping scenes shifted diagonally by 45 % of their width."""
     step = ms_size * MS_RES * 0.45
     platforms = ["spot-6", "spot-7"]
-    base = dt.datetime(2024, 5, 3, 10, 21, 30, tzinfo=dt.timezone.utc)
+    base = dt.datetime(2024, 5, 3, 10, 21, 30, tzinfo=dt.UTC)
     return [
         Scene(
             index=i,
@@ -294,7 +294,14 @@ def scene_item(scene: Scene, cog_dir: Path, base_url: str, collection: str = COL
             "dinamis:sample_gain": scene.gain,
         },
         "assets": {
-            "ms": asset("ms", "Multispectral 6 m (B0 blue, B1 green, B2 red, B3 NIR)", MS_RES, scene.ms_size, ms_bands, ["data"]),
+            "ms": asset(
+                "ms",
+                "Multispectral 6 m (B0 blue, B1 green, B2 red, B3 NIR)",
+                MS_RES,
+                scene.ms_size,
+                ms_bands,
+                ["data"],
+            ),
             "pan": asset("pan", "Panchromatic 1.5 m", PAN_RES, scene.pan_size, pan_bands, ["data"]),
         },
         "links": [],
@@ -335,7 +342,10 @@ def collection_doc(items: list[dict], collection: str = COLLECTION_ID) -> dict:
                 "minmax_zoom": [11, 19],
             },
         },
-        "summaries": {"platform": sorted({it["properties"]["platform"] for it in items}), "gsd": [MS_RES, PAN_RES]},
+        "summaries": {
+            "platform": sorted({it["properties"]["platform"] for it in items}),
+            "gsd": [MS_RES, PAN_RES],
+        },
         "links": [],
     }
 

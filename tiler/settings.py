@@ -63,7 +63,9 @@ class DatabaseSettings(BaseSettings):
     min_conn: int = Field(default=1, ge=0, validation_alias="TILER_DB_MIN_CONN")
     max_conn: int = Field(default=10, ge=1, validation_alias="TILER_DB_MAX_CONN")
     pool_timeout: float = Field(
-        default=10.0, gt=0, validation_alias="TILER_DB_POOL_TIMEOUT",
+        default=10.0,
+        gt=0,
+        validation_alias="TILER_DB_POOL_TIMEOUT",
         description="Seconds a request may wait for a connection before a 503.",
     )
     max_idle: float = Field(default=300.0, validation_alias="TILER_DB_MAX_IDLE")
@@ -79,7 +81,7 @@ class DatabaseSettings(BaseSettings):
 
     @property
     def dsn(self) -> str:
-        """libpq connection string (contains the password: never log it)."""
+        """Libpq connection string (contains the password: never log it)."""
         if self.database_url is not None:
             return self.database_url.get_secret_value()
         auth = ""

@@ -1,0 +1,26 @@
+# dinamis-tiler: multi-stage build, non-root runtime, gunicorn with uvicorn workers.
+# rasterio wheels bundle GDAL, so the runtime image needs no system GDAL.
+
+FROM python:3.11-slim-bookworm AS build
+WORKDIR /src
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+COPY pyproject.toml README.md ./
+COPY tiler ./tiler
+RUN /opt/venv/bin/pip install --upgrade pip \
+ && /opt/venv/bin/pip install ".[server]"
+
+FROM python:3.11-slim-bookworm AS runtime
+RUN groupadd --system --gid 10001 tiler \
+ && useradd --system --uid 10001 --gid tiler --home-dir /nonexistent --shell /usr/sbin/nologin tiler
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    WEB_CONCURRENCY=2 \
+    PORT=8000
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+  CMD ["python", "-c", "import os,urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/livez' % os.environ.get('PORT','8000'), timeout=3)"]
+# One process per worker; each has its own DB pool (TILER_DB_MAX_CONN) and GDAL cache.
+CMD ["sh", "-c", "exec gunicorn 'tiler.main:create_app()' --worker-class uvicorn.workers.UvicornWorker --workers ${WEB_CONCURRENCY} --bind 0.0.0.0:${PORT} --timeout 60 --graceful-timeout 20 --keep-alive 5"]

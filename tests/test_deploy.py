@@ -1,0 +1,37 @@
+"""Static checks of the deployment files (no Docker engine runs here)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compose_services_and_secrets():
+    doc = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    services = doc["services"]
+    assert {"database", "tiler", "stac"} <= set(services)
+    for name in ("tiler", "stac"):
+        assert services[name]["depends_on"]["database"]["condition"] == "service_healthy"
+    assert "healthcheck" in services["database"]
+    # every password comes from the environment and is required (no default secret)
+    for svc in services.values():
+        for key, value in (svc.get("environment") or {}).items():
+            if "PASS" in key:
+                assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", str(value)), (key, value)
+    # the tiler and the STAC API read the same database
+    assert (
+        services["tiler"]["environment"]["PGHOST"] == services["stac"]["environment"]["POSTGRES_HOST_READER"]
+    )
+
+
+def test_dockerfile_multistage_non_root():
+    text = (ROOT / "Dockerfile").read_text()
+    assert len(re.findall(r"^FROM ", text, re.M)) >= 2
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and not users[-1].startswith(("root", "0"))
+    assert "tiler.main:create_app()" in text
+    assert not re.search(r"^ADD https?://", text, re.M)
