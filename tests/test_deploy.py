@@ -35,3 +35,13 @@ def test_dockerfile_multistage_non_root():
     assert users and not users[-1].startswith(("root", "0"))
     assert "tiler.main:create_app()" in text
     assert not re.search(r"^ADD https?://", text, re.M)
+
+
+def test_hadolint_clean():
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    res = subprocess.run([exe, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
