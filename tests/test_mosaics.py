@@ -90,13 +90,34 @@ def test_registered_search_with_cql2_filter(client, sample):
     assert r.status_code == 200 and r.json()["search"]["search"]["filter"]["op"] == "<="
 
 
-def test_search_cql2_text_and_bbox(client, sample):
-    body = {"collections": [C], "filter-lang": "cql2-text", "filter": "platform = 'spot-7'"}
-    r = client.post("/searches/register", json=body)
-    # titiler-pgstac's model accepts cql2-json only for registration; text is rejected cleanly
-    assert r.status_code in (200, 422), r.text
-    if r.status_code == 422:
-        assert "detail" in r.json()
+def test_search_cql2_text_rejected_and_bbox_search(client, sample):
+    # registration takes CQL2-JSON only: CQL2 text is a clear 422, not a 500
+    r = client.post(
+        "/searches/register",
+        json={"collections": [C], "filter-lang": "cql2-text", "filter": "platform = 'spot-7'"},
+    )
+    assert r.status_code == 422 and "detail" in r.json()
+
+    # a small bbox in the south-east part of S02, away from S01: only S02 is selected
+    lon, lat = lonlat_of_item_centre(sample.item(2))
+    lon, lat = lon + 0.005, lat - 0.002
+    r = client.post(
+        "/searches/register",
+        json={"collections": [C], "bbox": [lon - 0.0005, lat - 0.0005, lon + 0.0005, lat + 0.0005]},
+    )
+    assert r.status_code == 200
+    sid = r.json()["id"]
+    x, y = overlap_tile(sample, 0, 1)
+    r = client.get(f"/searches/{sid}/tiles/WebMercatorQuad/{Z}/{x}/{y}/assets")
+    ids = {a["id"] for a in r.json()}
+    assert not ids & {sample.item(0)["id"], sample.item(1)["id"]}
+    x, y = mercator_tile(lon, lat, Z)
+    r = client.get(f"/searches/{sid}/tiles/WebMercatorQuad/{Z}/{x}/{y}.tif", params={"assets": "ms"})
+    assert r.status_code == 200
+    got, valid = read_tif(r.content)
+    s2, v2 = scene_pixels(sample, 2, x, y)
+    both = valid & v2
+    assert np.all(got[:, both] == s2[:, both], axis=0).mean() > 0.97
 
 
 def test_mosaic_pixel_selection_and_point(client, sample):
