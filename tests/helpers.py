@@ -7,14 +7,12 @@ import math
 
 import numpy as np
 import rasterio
-from rasterio.enums import ColorInterp
 from PIL import Image
 from pyproj import Transformer
+from rasterio.enums import ColorInterp
 
 R = 6378137.0
 ORIGIN_SHIFT = math.pi * R
-
-_to_merc = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True)
 
 
 def mercator_tile(lon: float, lat: float, z: int) -> tuple[int, int]:

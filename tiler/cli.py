@@ -130,10 +130,10 @@ def demo(port: int, data_dir: Path, pg_port: int, cog_port: int, scenes: int, si
     ranges.start_background()
     log.info("serving COGs with Range support on %s", cog_url)
 
-    os.environ["DATABASE_URL"] = cluster.dsn
     from tiler.main import create_app
+    from tiler.settings import DatabaseSettings, Settings
 
-    app = create_app()
+    app = create_app(Settings(db=DatabaseSettings(database_url=cluster.dsn)))
     base = f"http://127.0.0.1:{port}"
     item = items[0]["id"]
     coll = COLLECTION_ID

@@ -189,8 +189,3 @@ class LocalCluster:
         """Stop the server if it runs."""
         if self.is_running():
             self._run([str(pg_bindir() / "pg_ctl"), "stop", "-w", "-m", mode, "-D", str(self.datadir)])
-
-    def restart(self) -> None:
-        """Stop then start the server (used by fault tests)."""
-        self.stop()
-        self.start()

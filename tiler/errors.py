@@ -43,7 +43,7 @@ STATUS_CODES: dict[type[Exception], int] = {
 _URL = re.compile(r"(?:https?|s3|gs|az)://[^\s'\"]+|/vsi\w+/[^\s'\"]+", re.IGNORECASE)
 
 
-def redact(text: str) -> str:
+def shorten_urls(text: str) -> str:
     """Replace URLs (which may carry signed query strings) by their scheme and host."""
 
     def _short(m: re.Match) -> str:
@@ -61,9 +61,9 @@ def redact(text: str) -> str:
 
 def _upstream_error(request: Request, exc: Exception) -> JSONResponse:
     """A COG could not be read: the storage side failed, not the caller (502)."""
-    logger.warning("upstream read failed on %s: %s", request.url.path, redact(str(exc)))
+    logger.warning("upstream read failed on %s: %s", request.url.path, shorten_urls(str(exc)))
     return JSONResponse(
-        {"detail": f"Could not read the imagery: {redact(str(exc))}"},
+        {"detail": f"Could not read the imagery: {shorten_urls(str(exc))}"},
         status_code=status.HTTP_502_BAD_GATEWAY,
     )
 

@@ -62,6 +62,15 @@ def _read_catalog(path: str, out: Documents) -> None:
         )
 
 
+def _read_ndjson(path: Path, text: str, out: Documents) -> None:
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                _classify(json.loads(line), f"{path}:{n}", out)
+            except json.JSONDecodeError as e:
+                raise InvalidStac(f"{path}:{n}: invalid JSON ({e.msg})") from e
+
+
 def read_documents(paths: Iterable[str | Path]) -> Documents:
     """Read JSON, NDJSON or static catalog files into collections and items."""
     out = Documents()
@@ -69,22 +78,17 @@ def read_documents(paths: Iterable[str | Path]) -> Documents:
         if not p.exists():
             raise InvalidStac(f"{p}: no such file")
         text = p.read_text(encoding="utf-8")
-        if p.suffix in (".ndjson", ".jsonl") or (text.lstrip().startswith("{") and "\n{" in text.strip()):
-            for n, line in enumerate(text.splitlines(), start=1):
-                if line.strip():
-                    try:
-                        _classify(json.loads(line), f"{p}:{n}", out)
-                    except json.JSONDecodeError as e:
-                        raise InvalidStac(f"{p}:{n}: invalid JSON ({e.msg})") from e
-        else:
-            try:
-                doc = json.loads(text)
-            except json.JSONDecodeError as e:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data" and p.suffix not in (".ndjson", ".jsonl"):
                 raise InvalidStac(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from e
-            if isinstance(doc, dict) and doc.get("type") == "Catalog":
-                _read_catalog(str(p), out)
-            else:
-                _classify(doc, str(p), out)
+            _read_ndjson(p, text, out)  # one document per line
+            continue
+        if isinstance(doc, dict) and doc.get("type") == "Catalog":
+            _read_catalog(str(p), out)
+        else:
+            _classify(doc, str(p), out)
     return out
 
 

@@ -118,7 +118,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         root_path=api.root_path,
         lifespan=lifespan,
     )
-    app.state.settings = settings
     update_openapi(app)
     register_error_handlers(app)
     app.add_exception_handler(

@@ -44,7 +44,6 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
         self._serve(body=True)
 
     def _serve(self, body: bool) -> None:
-        self.server.record(self.command, self.path, self.headers.get("Range"))
         path = self._resolve()
         if path is None:
             self.send_error(HTTPStatus.NOT_FOUND, "File not found")
@@ -92,30 +91,21 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
                     break
                 self.wfile.write(chunk)
                 remaining -= len(chunk)
-        self.server.bytes_sent += length
 
 
 class RangeHTTPServer(ThreadingHTTPServer):
-    """Threaded server that counts the requests it answers."""
+    """Threaded static server for a directory."""
 
     daemon_threads = True
 
     def __init__(self, directory: str | os.PathLike, host: str = "127.0.0.1", port: int = 0):
         """Serve ``directory`` on ``host:port`` (port 0 picks a free one)."""
         self.directory = str(directory)
-        self.requests: list[tuple[str, str, str | None]] = []
-        self.bytes_sent = 0
-        self._lock = threading.Lock()
 
         def handler(*args, **kwargs):
             return RangeRequestHandler(*args, directory=self.directory, **kwargs)
 
         super().__init__((host, port), handler)
-
-    def record(self, method: str, path: str, rng: str | None) -> None:
-        """Remember one request (method, path, Range header)."""
-        with self._lock:
-            self.requests.append((method, path, rng))
 
     @property
     def url(self) -> str:
