@@ -17,7 +17,7 @@ from tiler.ingest import load
 from tiler.main import create_app
 from tiler.rangeserver import RangeHTTPServer
 from tiler.sample import generate
-from tiler.settings import CogSettings, DatabaseSettings, Settings
+from tiler.settings import AuthSettings, CogSettings, DatabaseSettings, Settings
 
 MS_SIZE = 256  # 1.5 km scenes: pan is 1024 px with one overview level
 
@@ -81,10 +81,12 @@ def dsn(cluster, sample) -> str:
     return cluster.dsn
 
 
-def make_settings(dsn: str, **cog) -> Settings:
+def make_settings(dsn: str, auth: AuthSettings | None = None, **cog) -> Settings:
+    """Settings for a test app; access control off unless ``auth`` is given."""
     return Settings(
         db=DatabaseSettings(database_url=dsn, max_conn=4),
         cog=CogSettings(**cog) if cog else CogSettings(),
+        auth=auth or AuthSettings(enabled=False),
     )
 
 

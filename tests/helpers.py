@@ -73,3 +73,17 @@ def lonlat_of_item_centre(item: dict) -> tuple[float, float]:
     """Centre of an item's footprint bbox."""
     w, s, e, n = item["bbox"]
     return (w + e) / 2, (s + n) / 2
+
+
+# --------------------------------------------------------------------------- upstream signing (tests)
+
+#: State of the test signer: the signature the "archive" currently accepts, and the calls made.
+SIGNER = {"current": "v1", "cache": {}, "calls": []}
+
+
+def test_signer(href: str, refresh: bool = False) -> str:
+    """A signer hook like a real one: caches a signed href until asked to refresh."""
+    SIGNER["calls"].append(refresh)
+    if refresh or href not in SIGNER["cache"]:
+        SIGNER["cache"][href] = f"{href}?sig={SIGNER['current']}"
+    return SIGNER["cache"][href]

@@ -20,6 +20,7 @@ from tests.helpers import (
 from tiler.dependencies import validate_dataset_url
 from tiler.errors import DatasetURLNotAllowed, InvalidDatasetURL
 from tiler.main import create_app
+from tiler.rangeserver import RangeHTTPServer, RangeRequestHandler
 
 PREFIXES = ["https://data.example.org/cogs/", "http://127.0.0.1:8081/"]
 
@@ -159,3 +160,35 @@ def test_cog_enabled_without_prefixes_is_a_settings_error():
 
     with pytest.raises(ValueError, match="ALLOWED_PREFIXES"):
         CogSettings(enabled=True)
+
+
+class Redirector(RangeRequestHandler):
+    """An allow-listed host with an open redirect to the canary."""
+
+    def _serve(self, body: bool) -> None:
+        if self.path.startswith("/go"):
+            self.send_response(302)
+            self.send_header("Location", self.server.target)  # type: ignore[attr-defined]
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super()._serve(body)
+
+
+def test_cog_redirect_to_canary_refused(dsn, sample, tmp_path):
+    canary = Canary()
+    server = RangeHTTPServer(sample.directory, handler_class=Redirector)
+    server.target = f"http://127.0.0.1:{canary.port}/x.tif"
+    server.start_background()
+    try:
+        app = create_app(make_settings(dsn, enabled=True, allowed_prefixes=[server.url + "/"]))
+        with TestClient(app) as c:
+            r = c.get("/cog/info", params={"url": f"{server.url}/go/x.tif"})
+            assert r.status_code == 403 and "redirect" in r.json()["detail"]
+            # the same host without redirect works: the refusal is about the redirect
+            name = sample.path(0, "ms").name
+            assert c.get("/cog/info", params={"url": f"{server.url}/{name}"}).status_code == 200
+    finally:
+        server.shutdown()
+        canary.close()
+    assert canary.hits == 0

@@ -82,19 +82,28 @@ def test_health_landing_viewer_and_headers(client, sample):
     assert {"WebMercatorQuad", "WGS1984Quad"} <= ids and "CDB1GlobalGrid" not in ids
 
 
-@pytest.fixture()
-def served(cluster, dsn):
-    """`tiler serve` in a subprocess, configured only by PG* variables."""
-    port = free_port()
+def _serve_env(cluster, port: int, **extra: str) -> dict[str, str]:
     parts = urllib.parse.urlsplit(cluster.dsn)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "DATABASE_URL"} | {
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "TILER_")) and k != "DATABASE_URL"}
+    return keep | {
         "PGHOST": "127.0.0.1",
         "PGPORT": str(parts.port),
         "PGUSER": parts.username,
         "PGPASSWORD": urllib.parse.unquote(parts.password),
         "PGDATABASE": "pgstac",
         "PORT": str(port),
+        **extra,
     }
+
+
+@pytest.fixture()
+def served(cluster, dsn, tmp_path):
+    """`tiler serve` in a subprocess, configured by PG* variables and a policy opening the demo collection."""
+    port = free_port()
+    parts = urllib.parse.urlsplit(cluster.dsn)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("groups:\n  public:\n    - collections: [spot67-demo]\nanonymous: [public]\n")
+    env = _serve_env(cluster, port, TILER_AUTH_POLICY_FILE=str(policy))
     proc = subprocess.Popen(
         [sys.executable, "-m", "tiler.cli", "serve"],
         env=env,
@@ -126,7 +135,22 @@ def test_tiler_serve_with_pg_variables(served, sample):
         timeout=20,
     )
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    # anonymous access granted by the policy: cacheable by shared caches
+    assert r.headers["cache-control"].startswith("public")
+    r = httpx.get(f"{base}/collections/other-collection/info", timeout=10)
+    assert r.status_code == 401 and r.headers["cache-control"] == "no-store"
     proc.terminate()
     out, _ = proc.communicate(timeout=10)
     assert "connected to postgresql://postgres@127.0.0.1" in out
     assert password not in out  # the password never reaches the log
+
+
+def test_tiler_serve_refuses_to_start_without_policy(cluster):
+    """Access control is on by default: no policy file, no server (and a clear reason)."""
+    env = _serve_env(cluster, free_port())
+    proc = subprocess.run(
+        [sys.executable, "-m", "tiler.cli", "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode != 0
+    assert "TILER_AUTH_POLICY_FILE is required" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -30,6 +30,15 @@ def cli(log_level: str) -> None:
 def serve(host: str, port: int, workers: int) -> None:
     """Serve an existing pgstac database (DATABASE_URL or PG* variables)."""
     import uvicorn
+    from pydantic import ValidationError
+
+    from tiler.settings import Settings
+
+    try:
+        Settings()
+    except ValidationError as e:
+        msgs = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+        raise click.ClickException(f"invalid settings: {msgs}") from None
 
     uvicorn.run("tiler.main:create_app", factory=True, host=host, port=port, workers=workers, log_config=None)
 

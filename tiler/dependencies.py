@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Annotated
 from urllib.parse import urlsplit
 
+from cachetools import TTLCache
 from fastapi import Path, Query
 from starlette.requests import Request
 from titiler.pgstac.dependencies import get_stac_item
@@ -125,9 +129,51 @@ def cog_url_dependency(settings: CogSettings) -> Callable[..., str]:
             ),
         ],
     ) -> str:
-        return validate_dataset_url(url, prefixes)
+        url = validate_dataset_url(url, prefixes)
+        refuse_redirects(url)
+        return url
 
     return DatasetURL
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return None  # surface 3xx as an HTTPError instead of following it
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect, urllib.request.ProxyHandler({}))
+_checked: TTLCache = TTLCache(maxsize=4096, ttl=300)
+_checked_lock = threading.Lock()
+
+
+def refuse_redirects(url: str, timeout: float = 5.0) -> None:
+    """Refuse a URL whose host answers with a redirect (GDAL would follow it anywhere).
+
+    GDAL's HTTP client follows redirects and has no setting to stop it, so a
+    redirect on an allow-listed host (an "open redirect") could point GDAL at
+    a private address. One 1-byte range request, without following
+    redirects, is made to the (already validated) URL before GDAL sees it;
+    good answers are remembered for 5 minutes.
+    """
+    if not url.lower().startswith(("http://", "https://")):
+        return
+    with _checked_lock:
+        if url in _checked:
+            return
+    req = urllib.request.Request(url, headers={"Range": "bytes=0-0"}, method="GET")
+    try:
+        with _OPENER.open(req, timeout=timeout) as resp:
+            resp.read(1)
+    except urllib.error.HTTPError as e:
+        if 300 <= e.code < 400:
+            raise DatasetURLNotAllowed(
+                "Dataset URL answers with a redirect; redirects are not followed"
+            ) from None
+        return  # 4xx/5xx: GDAL will report it (404 -> 4xx, else 502)
+    except (urllib.error.URLError, OSError):
+        return  # unreachable: GDAL will report it as an upstream error
+    with _checked_lock:
+        _checked[url] = True
 
 
 def gdal_env_dependency(settings: GdalSettings) -> Callable[[], dict[str, str | int]]:

@@ -10,11 +10,15 @@ _SECRET = re.compile(
     re.IGNORECASE,
 )
 _USERINFO = re.compile(r"(?P<s>\w+://)[^/@\s:]+:[^/@\s]+@")
+_PATH_TOKEN = re.compile(r"/t/[^/\s?\"']+")
+_BEARER = re.compile(r"(?P<k>(?:bearer|apikey)\s+)[^\s\"',]+", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
     """Hide tokens, passwords and credentials in query strings and URLs."""
     text = _SECRET.sub(r"\g<k>***", text)
+    text = _PATH_TOKEN.sub("/t/***", text)
+    text = _BEARER.sub(r"\g<k>***", text)
     return _USERINFO.sub(r"\g<s>***@", text)
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 import jinja2
 import rasterio
-from fastapi import FastAPI, Query
+from fastapi import Depends, FastAPI, Query
 from pydantic import ValidationError
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -29,7 +29,6 @@ from titiler.core.factory import (
     TilerFactory,
     TMSFactory,
 )
-from titiler.core.middleware import CacheControlMiddleware
 from titiler.core.models.OGC import Conformance, Landing
 from titiler.core.resources.enums import MediaType
 from titiler.core.utils import accept_media_type, create_html_response, update_openapi
@@ -44,20 +43,38 @@ from titiler.pgstac.factory import (
     add_search_list_route,
     add_search_register_route,
 )
-from titiler.pgstac.reader import PgSTACReader
 
 from tiler import __version__
+from tiler.access import Authenticator, UrlTokenMiddleware, auth_router, authorize, restricted_search_params
+from tiler.cache import CachePolicyMiddleware
 from tiler.db import database_ok, open_pool, pgstac_version
 from tiler.dependencies import AssetIdParams, cog_url_dependency, gdal_env_dependency
 from tiler.errors import register_error_handlers
 from tiler.settings import Settings
 from tiler.tms import supported_tms
+from tiler.upstream import (
+    ItemReader,
+    MosaicItemReader,
+    SigningReader,
+    install,
+    load_credentials,
+    set_signers,
+    uninstall,
+)
 
 logger = logging.getLogger(__name__)
 
 HERE = FsPath(__file__).parent
 
-NOT_CACHED = {r"^/healthz", r"^/livez", r"^/searches/?$", r"^/searches/list", r"^/searches/register"}
+NOT_CACHED = {
+    r"^/healthz",
+    r"^/livez",
+    r"^/readyz",
+    r"^/searches/?$",
+    r"^/searches/list",
+    r"^/searches/register",
+    r"^/auth/",
+}
 
 
 def _templates() -> Jinja2Templates:
@@ -96,13 +113,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     api = settings.api
     templates = _templates()
     env_dep = gdal_env_dependency(settings.gdal)
+    credentials = load_credentials(settings.upstream.credentials_file)
+    if settings.cog.enabled:
+        for cred in credentials:
+            for prefix in settings.cog.allowed_prefixes:
+                if cred.prefix.startswith(prefix) or prefix.startswith(cred.prefix):
+                    raise ValueError(
+                        f"TILER_COG_ALLOWED_PREFIXES entry {prefix!r} overlaps an upstream credential prefix: "
+                        "/cog?url= would read protected data with the server's credentials"
+                    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.dbpool = open_pool(settings.db)
+        install(credentials)
+        set_signers(credentials)
+        if app.state.auth is not None:
+            app.state.auth.revoked.ensure_schema()
         try:
             yield
         finally:
+            uninstall(credentials)
             app.state.dbpool.close()
 
     app = FastAPI(
@@ -117,7 +148,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         docs_url="/api.html",
         root_path=api.root_path,
         lifespan=lifespan,
+        dependencies=[Depends(authorize)],
     )
+    app.state.auth = Authenticator(settings.auth, lambda: app.state.dbpool) if settings.auth.enabled else None
     update_openapi(app)
     register_error_handlers(app)
     app.add_exception_handler(
@@ -136,15 +169,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
             allow_headers=["*"],
         )
     app.add_middleware(
-        CacheControlMiddleware,
-        cachecontrol=api.cachecontrol,
-        cachecontrol_max_http_code=400,
-        exclude_path=NOT_CACHED,
-    )
-    app.add_middleware(
         CompressionMiddleware,
         exclude_mediatype={"image/jpeg", "image/jpg", "image/png", "image/jp2", "image/webp", "image/tiff"},
     )
+    app.add_middleware(
+        CachePolicyMiddleware,
+        public=api.cachecontrol,
+        private=settings.auth.private_cachecontrol,
+        exclude=NOT_CACHED,
+    )
+    app.add_middleware(UrlTokenMiddleware)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     conforms_to: set[str] = {
@@ -164,6 +198,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
             add_part=True,
             get_renders=_renders_from_metadata,
             environment_dependency=env_dep,
+            dataset_reader=MosaicItemReader,
             supported_tms=supported_tms,
             extensions=[searchInfoExtension(), mosaicWmtsExtension()],
             templates=templates,
@@ -176,6 +211,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     add_search_register_route(
         app,
         prefix="/searches",
+        search_dependency=restricted_search_params,
         tile_dependencies=[
             searches.layer_dependency,
             searches.dataset_dependency,
@@ -197,7 +233,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
 
     # single STAC items
     items = MultiBaseTilerFactory(
-        reader=PgSTACReader,
+        reader=ItemReader,
         path_dependency=ItemIdParams,
         router_prefix="/collections/{collection_id}/items/{item_id}",
         add_viewer=True,
@@ -215,6 +251,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     # single assets of STAC items
     if api.enable_assets_endpoints:
         assets = TilerFactory(
+            reader=SigningReader,
             path_dependency=AssetIdParams,
             router_prefix="/collections/{collection_id}/items/{item_id}/assets/{asset_id}",
             add_viewer=True,
@@ -243,6 +280,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         )
         app.include_router(cog.router, tags=["Cloud Optimized GeoTIFF"], prefix="/cog")
         conforms_to |= cog.conforms_to
+
+    app.include_router(auth_router())
 
     for factory in (
         TMSFactory(supported_tms=supported_tms, templates=templates),

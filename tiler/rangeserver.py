@@ -98,12 +98,18 @@ class RangeHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, directory: str | os.PathLike, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        handler_class: type[RangeRequestHandler] = RangeRequestHandler,
+    ):
         """Serve ``directory`` on ``host:port`` (port 0 picks a free one)."""
         self.directory = str(directory)
 
         def handler(*args, **kwargs):
-            return RangeRequestHandler(*args, directory=self.directory, **kwargs)
+            return handler_class(*args, directory=self.directory, **kwargs)
 
         super().__init__((host, port), handler)
 

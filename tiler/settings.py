@@ -7,6 +7,9 @@ Environment variables (see README's table):
   the pgstac database; ``TILER_DB_*``: its connection pool.
 * ``TILER_COG_*``: the ``/cog`` endpoints for COGs given by URL (off by default).
 * ``TILER_GDAL_*``: GDAL configuration used for every read.
+* ``TILER_AUTH_*``: who may see what (identity provider, API keys, policy,
+  signed URL tokens).
+* ``TILER_UPSTREAM_*``: credentials the server presents to COG hosts.
 
 titiler-pgstac reads a few of its own variables (``TITILER_PGSTAC_CACHE_*``,
 ``TITILER_PGSTAC_SEARCH_*``, ``MOSAIC_CONCURRENCY``); they keep working.
@@ -156,6 +159,92 @@ class GdalSettings(BaseSettings):
         return {k.upper(): v for k, v in self.model_dump().items()}
 
 
+class AuthSettings(BaseSettings):
+    """Access control: credentials, the rights policy and signed URL tokens.
+
+    With ``enabled`` (the default) a policy file is required and every data
+    endpoint checks it; ``TILER_AUTH_ENABLED=false`` serves everything to
+    everyone (an open server, e.g. for public imagery).
+    """
+
+    enabled: bool = True
+    policy_file: str | None = Field(
+        default=None, description="YAML or JSON rights policy (groups -> collections). Reloaded on change."
+    )
+    api_keys_file: str | None = Field(
+        default=None, description="YAML or JSON API key store (sha256 of each key -> user, groups)."
+    )
+    jwks_file: str | None = Field(default=None, description="JSON Web Key Set of the identity provider.")
+    jwks_url: str | None = Field(
+        default=None, description="JWKS URL of the identity provider (fetched, cached)."
+    )
+    issuer: str | None = Field(default=None, description="Required `iss` of JWTs.")
+    audience: str | None = Field(default=None, description="Required `aud` of JWTs.")
+    user_claim: str = "sub"
+    groups_claim: str = Field(
+        default="groups",
+        description="Claim holding the user's groups; dotted path, e.g. `realm_access.roles`.",
+    )
+    signing_keys: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Secrets for signed URL tokens, `kid:secret` comma-separated. The first signs new "
+            "tokens; the others are still accepted (key rotation). Remove a kid to revoke its tokens."
+        ),
+    )
+    token_max_ttl: int = Field(
+        default=90 * 86400, gt=0, description="Longest lifetime of a URL token, seconds."
+    )
+    token_default_ttl: int = Field(default=7 * 86400, gt=0)
+    reload_interval: float = Field(
+        default=2.0,
+        ge=0,
+        description="Seconds between checks of the policy/key files and the revocation list.",
+    )
+    private_cachecontrol: str = "private, max-age=3600"
+
+    model_config = SettingsConfigDict(env_prefix="TILER_AUTH_", extra="ignore")
+
+    @model_validator(mode="after")
+    def _need_policy(self) -> AuthSettings:
+        if not self.enabled:
+            return self
+        if not self.policy_file:
+            raise ValueError(
+                "TILER_AUTH_POLICY_FILE is required while TILER_AUTH_ENABLED is true "
+                "(set TILER_AUTH_ENABLED=false for an open server)"
+            )
+        if self.jwks_file and self.jwks_url:
+            raise ValueError("Set TILER_AUTH_JWKS_FILE or TILER_AUTH_JWKS_URL, not both")
+        self.keys()  # validate now, fail at start rather than at the first request
+        return self
+
+    def keys(self) -> dict[str, bytes]:
+        """Signing secrets by key id, in the order given (the first signs)."""
+        if self.signing_keys is None:
+            return {}
+        out: dict[str, bytes] = {}
+        for part in self.signing_keys.get_secret_value().split(","):
+            kid, sep, secret = part.strip().partition(":")
+            if not sep or not kid or len(secret) < 32:
+                raise ValueError(
+                    "TILER_AUTH_SIGNING_KEYS entries must be `kid:secret` with secrets of 32+ characters"
+                )
+            out[kid] = secret.encode()
+        return out
+
+
+class UpstreamSettings(BaseSettings):
+    """Credentials presented to COG hosts, per URL prefix (never sent elsewhere)."""
+
+    credentials_file: str | None = Field(
+        default=None,
+        description="YAML or JSON list of {prefix, headers | options | signer}; see README.",
+    )
+
+    model_config = SettingsConfigDict(env_prefix="TILER_UPSTREAM_", extra="ignore")
+
+
 class Settings(BaseSettings):
     """All settings of one application instance."""
 
@@ -163,5 +252,7 @@ class Settings(BaseSettings):
     db: DatabaseSettings = Field(default_factory=DatabaseSettings)
     cog: CogSettings = Field(default_factory=CogSettings)
     gdal: GdalSettings = Field(default_factory=GdalSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
 
     model_config = SettingsConfigDict(extra="ignore")

@@ -1,0 +1,284 @@
+"""Credentials for COG hosts: per URL prefix, handed to GDAL only for that prefix.
+
+The credentials file (``TILER_UPSTREAM_CREDENTIALS_FILE``, YAML or JSON) is a
+list of entries::
+
+    - prefix: https://dinamis.example.org/cogs/
+      headers: {Authorization: "Bearer ${DINAMIS_ARCHIVE_TOKEN}"}
+    - prefix: s3://spot-archive/
+      options: {AWS_ACCESS_KEY_ID: "${S3_KEY}", AWS_SECRET_ACCESS_KEY: "${S3_SECRET}"}
+    - prefix: https://signed.example.org/
+      signer: mypackage.signing:sign       # callable(href, refresh=False) -> signed href
+
+``${NAME}`` is replaced by the environment variable ``NAME`` so secrets can
+stay out of the file. Headers and options are registered with GDAL as
+*path-specific* options (``VSISetPathSpecificOption``): GDAL sends them only to
+URLs under that prefix, from any thread, and never to another host — unlike a
+global or per-request ``rasterio.Env`` setting, which concurrent requests to
+other hosts would see. A signer rewrites the href right before GDAL opens it
+(the signed URL never reaches a response); when the host answers 401/403 the
+href is signed again with ``refresh=True`` and the open retried once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import importlib
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import attr
+import rasterio
+from rasterio.errors import RasterioIOError
+from rio_tiler.io import Reader
+from titiler.pgstac.reader import PgSTACReader, SimpleSTACReader
+
+from tiler.auth import PolicyError, load_document
+
+logger = logging.getLogger(__name__)
+
+Signer = Callable[..., str]
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_DENIED = re.compile(r"HTTP response code: (401|403)\b")
+
+
+@dataclass(frozen=True)
+class Credential:
+    """Credentials for hrefs starting with ``prefix``."""
+
+    prefix: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    options: Mapping[str, str] = field(default_factory=dict)
+    signer: Signer | None = None
+
+    def secrets(self) -> list[str]:
+        """Values that must never appear in output."""
+        return [v for v in (*self.headers.values(), *self.options.values()) if len(v) >= 4]
+
+
+def _expand(value: Any, where: str) -> str:
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in os.environ:
+            raise PolicyError(f"{where}: environment variable {name} is not set")
+        return os.environ[name]
+
+    return _ENV.sub(sub, str(value))
+
+
+def _load_signer(spec: str, where: str) -> Signer:
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise PolicyError(f"{where}: cannot import signer {spec!r}") from e
+    if not callable(fn):
+        raise PolicyError(f"{where}: signer {spec!r} is not callable")
+    return fn
+
+
+def parse_credentials(doc: Any) -> list[Credential]:
+    """Validate a parsed credentials document."""
+    if doc is None:
+        return []
+    if not isinstance(doc, list):
+        raise PolicyError("upstream credentials must be a list of {prefix, headers|options|signer}")
+    out = []
+    for i, raw in enumerate(doc):
+        where = f"upstream credential #{i}"
+        if not isinstance(raw, Mapping) or not raw.get("prefix"):
+            raise PolicyError(f"{where}: needs a `prefix`")
+        unknown = set(raw) - {"prefix", "headers", "options", "signer"}
+        if unknown:
+            raise PolicyError(f"{where}: unknown keys {sorted(unknown)}")
+        prefix = str(raw["prefix"])
+        if not re.match(r"^(https?|s3)://[^/]+/", prefix):
+            raise PolicyError(f"{where}: prefix must be http(s):// or s3:// with a host and a trailing path")
+        headers = {str(k): _expand(v, where) for k, v in (raw.get("headers") or {}).items()}
+        for k, v in headers.items():
+            if any(c in k + v for c in "\r\n"):
+                raise PolicyError(f"{where}: header {k!r} contains a line break")
+        options = {str(k).upper(): _expand(v, where) for k, v in (raw.get("options") or {}).items()}
+        signer = _load_signer(str(raw["signer"]), where) if raw.get("signer") else None
+        out.append(Credential(prefix, headers, options, signer))
+    return out
+
+
+def load_credentials(path: str | Path | None) -> list[Credential]:
+    """Read the credentials file (empty list when none is configured)."""
+    return parse_credentials(load_document(path)) if path else []
+
+
+def gdal_path(prefix: str) -> str:
+    """The GDAL virtual path of a URL prefix (what path-specific options are keyed on)."""
+    if prefix.startswith("s3://"):
+        return "/vsis3/" + prefix[len("s3://") :]
+    return "/vsicurl/" + prefix
+
+
+def _gdal_lib() -> ctypes.CDLL:
+    """Rasterio's own libgdal (its wheel bundles one), else the system one."""
+    here = Path(rasterio.__file__).parent
+    candidates = sorted(glob.glob(str(here.parent / "rasterio.libs" / "libgdal*"))) or ["libgdal.so"]
+    return ctypes.CDLL(candidates[0])
+
+
+_lib_lock = threading.Lock()
+
+
+def set_path_option(path: str, key: str, value: str | None) -> None:
+    """``VSISetPathSpecificOption`` in the GDAL that rasterio uses."""
+    with _lib_lock:
+        fn = _gdal_lib().VSISetPathSpecificOption
+        fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p]
+        fn.restype = None
+        fn(path.encode(), key.encode(), value.encode() if value is not None else None)
+
+
+def clear_http_cache(prefix: str | None = None) -> None:
+    """Forget what GDAL cached about remote files (all, or those under ``prefix``).
+
+    GDAL remembers file sizes, blocks and *failures* per URL; after credentials
+    change, a cached 401 must not outlive them.
+    """
+    with _lib_lock:
+        lib = _gdal_lib()
+        if prefix is None:
+            lib.VSICurlClearCache.restype = None
+            lib.VSICurlClearCache()
+        else:
+            fn = lib.VSICurlPartialClearCache
+            fn.argtypes, fn.restype = [ctypes.c_char_p], None
+            fn(gdal_path(prefix).encode())
+
+
+def install(credentials: list[Credential]) -> None:
+    """Register headers and options of each entry for its prefix only."""
+    for cred in credentials:
+        clear_http_cache(cred.prefix)
+        path = gdal_path(cred.prefix)
+        if cred.headers:
+            set_path_option(
+                path, "GDAL_HTTP_HEADERS", "\r\n".join(f"{k}: {v}" for k, v in cred.headers.items())
+            )
+        for k, v in cred.options.items():
+            set_path_option(path, k, v)
+        logger.info("upstream credentials installed for %s", cred.prefix)
+
+
+def uninstall(credentials: list[Credential]) -> None:
+    """Remove what `install` registered (tests, app shutdown)."""
+    for cred in credentials:
+        path = gdal_path(cred.prefix)
+        clear_http_cache(cred.prefix)
+        if cred.headers:
+            set_path_option(path, "GDAL_HTTP_HEADERS", None)
+        for k in cred.options:
+            set_path_option(path, k, None)
+
+
+# --------------------------------------------------------------------------- signing readers
+
+_signers: list[tuple[str, Signer]] = []
+
+
+def set_signers(credentials: list[Credential]) -> None:
+    """Signers by prefix, longest prefix first (process-wide, set at app start)."""
+    _signers[:] = sorted(((c.prefix, c.signer) for c in credentials if c.signer), key=lambda t: -len(t[0]))
+
+
+def signer_for(href: str) -> Signer | None:
+    """The signer whose prefix ``href`` starts with."""
+    for prefix, fn in _signers:
+        if href.startswith(prefix):
+            return fn
+    return None
+
+
+def _refused(exc: BaseException | None) -> bool:
+    """True when GDAL's error (or one it chains) is an HTTP 401/403."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if _DENIED.search(str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def _retry_on_refusal(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def wrapper(self: SigningReader, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except RasterioIOError as e:
+            if self._signer is None or not _refused(e):
+                raise
+            self._reopen_signed(refresh=True)
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+@attr.s
+class SigningReader(Reader):
+    """rio-tiler Reader that signs its href through the configured signer.
+
+    When the host answers 401/403 (a signed href expired), at open or while
+    reading, the href is signed again with ``refresh=True`` and the operation
+    retried once; a second refusal is raised (502 for the client).
+    """
+
+    _signer: Signer | None = attr.ib(init=False, default=None)
+    _href: str | None = attr.ib(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        """Open the dataset with a signed href."""
+        href = self.input
+        self._signer = signer_for(href) if isinstance(href, str) and self.dataset is None else None
+        if self._signer is None:
+            super().__attrs_post_init__()
+            return
+        self._href = href
+        try:
+            self.dataset = self._ctx_stack.enter_context(rasterio.open(self._signer(href)))
+        except RasterioIOError as e:
+            if not _refused(e):
+                raise
+            logger.info("upstream refused a signed href at open; signing it again")
+            self.dataset = self._ctx_stack.enter_context(rasterio.open(self._signer(href, refresh=True)))
+        super().__attrs_post_init__()
+
+    def _reopen_signed(self, refresh: bool) -> None:
+        assert self._signer is not None and self._href is not None
+        logger.info("upstream refused a signed href while reading; signing it again")
+        self.dataset = self._ctx_stack.enter_context(rasterio.open(self._signer(self._href, refresh=refresh)))
+
+    tile = _retry_on_refusal(Reader.tile)
+    part = _retry_on_refusal(Reader.part)
+    preview = _retry_on_refusal(Reader.preview)
+    point = _retry_on_refusal(Reader.point)
+    feature = _retry_on_refusal(Reader.feature)
+    statistics = _retry_on_refusal(Reader.statistics)
+
+
+@attr.s
+class ItemReader(PgSTACReader):
+    """titiler-pgstac's item reader, opening assets with `SigningReader`."""
+
+    reader: type[Reader] = attr.ib(default=SigningReader)
+
+
+@attr.s
+class MosaicItemReader(SimpleSTACReader):
+    """titiler-pgstac's mosaic item reader, opening assets with `SigningReader`."""
+
+    reader: type[Reader] = attr.ib(default=SigningReader)
