@@ -87,10 +87,41 @@ def migrate(dsn: str | None) -> None:
     from pypgstac.db import PgstacDB
     from pypgstac.migrate import Migrate
 
+    from tiler.access import RevocationList
     from tiler.settings import DatabaseSettings
 
-    with PgstacDB(dsn=dsn or DatabaseSettings().dsn) as db:
+    dsn = dsn or DatabaseSettings().dsn
+    with PgstacDB(dsn=dsn) as db:
         click.echo(f"pgstac {Migrate(db).run_migration()}")
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(RevocationList.DDL)
+    click.echo("tiler_auth.revoked_tokens ready")
+
+
+@cli.command("apikey")
+@click.option("--user", required=True, help="User the key belongs to.")
+@click.option("--group", "groups", multiple=True, help="Group of the user (repeat).")
+@click.option("--id", "key_id", default=None, help="Record id (default: <user>-<date>).")
+def apikey(user: str, groups: tuple[str, ...], key_id: str | None) -> None:
+    """Create an API key: prints the key once, and the record for TILER_AUTH_API_KEYS_FILE."""
+    import datetime as dt
+
+    import yaml
+
+    from tiler.auth import hash_api_key, new_api_key
+
+    key = new_api_key()
+    record = {
+        "id": key_id or f"{user}-{dt.date.today().isoformat()}",
+        "sha256": hash_api_key(key),
+        "user": user,
+        "groups": list(groups),
+    }
+    click.echo(f"API key (shown once, give it to {user}): {key}", err=True)
+    click.echo("Add to the `keys:` list of the API key file:", err=True)
+    click.echo(yaml.safe_dump([record], sort_keys=False).rstrip())
 
 
 @cli.command()
@@ -139,28 +170,37 @@ def demo(port: int, data_dir: Path, pg_port: int, cog_port: int, scenes: int, si
     ranges.start_background()
     log.info("serving COGs with Range support on %s", cog_url)
 
+    from tiler.auth import mint_url_token
     from tiler.main import create_app
     from tiler.settings import DatabaseSettings, Settings
 
-    app = create_app(Settings(db=DatabaseSettings(database_url=cluster.dsn)))
-    base = f"http://127.0.0.1:{port}"
+    auth, api_key = _demo_auth(data_dir / "auth")
+    app = create_app(Settings(db=DatabaseSettings(database_url=cluster.dsn), auth=auth))
+    token, _ = mint_url_token(auth.keys(), sub="demo", groups=["demo-users"], ttl=7 * 86400)
+    base = f"http://127.0.0.1:{port}/t/{token}"
+    root = f"http://127.0.0.1:{port}"
     item = items[0]["id"]
     coll = COLLECTION_ID
     search_hint = (
-        f"curl -s -X POST {base}/searches/register -H 'Content-Type: application/json' "
+        f"curl -s -X POST {root}/searches/register -H 'X-API-Key: {api_key}' -H 'Content-Type: application/json' "
         f"""-d '{json.dumps({"collections": [coll], "filter-lang": "cql2-json", "filter": {"op": "<=", "args": [{"property": "eo:cloud_cover"}, 20]}})}'"""
     )
     true_colour = "assets=ms%7Cbidx%3D3%2C2%2C1&rescale=200%2C1800"
     click.echo(
         f"""
-dinamis-tiler demo is starting on {base}
-  landing page     {base}/
-  API docs         {base}/api.html
+dinamis-tiler demo is starting on {root}
+Access control is on (policy, API keys and signing key in {data_dir / "auth"}).
+The URLs below carry a signed URL token for the demo user (valid 7 days):
+paste them in a browser or QGIS as they are.
+  landing page     {root}/
+  API docs         {root}/api.html
   collection viewer {base}/collections/{coll}/WebMercatorQuad/map.html?{true_colour}
   item viewer      {base}/collections/{coll}/items/{item}/WebMercatorQuad/map.html?{true_colour}
   XYZ template     {base}/collections/{coll}/tiles/WebMercatorQuad/{{z}}/{{x}}/{{y}}.png?{true_colour}
   WMTS             {base}/collections/{coll}/WMTSCapabilities.xml?{true_colour}
   item preview     {base}/collections/{coll}/items/{item}/preview.png?{true_colour}&max_size=512
+  demo API key     {api_key}
+  QGIS layer URLs  curl -s -H 'X-API-Key: {api_key}' '{root}/auth/qgis?collection={coll}'
   register a search mosaic:
     {search_hint}
 Ctrl-C stops the tile server, the COG server and PostgreSQL.
@@ -180,6 +220,55 @@ Ctrl-C stops the tile server, the COG server and PostgreSQL.
         ranges.shutdown()
         cluster.stop()
     sys.exit(0)
+
+
+DEMO_POLICY = """\
+# Rights policy of the demo (see README, "Access control").
+groups:
+  demo-users:            # the demo API key and URL tokens
+    - collections: ["*"]
+  metacatalogue:         # anonymous callers: small previews and metadata only
+    - collections: [spot67-demo]
+      operations: [preview, metadata]
+      max_preview_size: 512
+anonymous: [metacatalogue]
+"""
+
+
+def _demo_auth(directory: Path):  # noqa: ANN202 - returns (AuthSettings, key)
+    """Policy, API key file and signing key of the demo, created once (mode 600)."""
+    import secrets
+
+    import yaml
+
+    from tiler.auth import hash_api_key, new_api_key
+    from tiler.settings import AuthSettings
+
+    directory.mkdir(parents=True, exist_ok=True)
+    policy, keys, key_file, secret_file = (
+        directory / "policy.yaml",
+        directory / "api-keys.yaml",
+        directory / "demo-api-key",
+        directory / "signing-key",
+    )
+    if not policy.exists():
+        policy.write_text(DEMO_POLICY)
+    if not key_file.exists():
+        key = new_api_key()
+        key_file.write_text(key)
+        record = {"id": "demo", "sha256": hash_api_key(key), "user": "demo", "groups": ["demo-users"]}
+        keys.write_text(yaml.safe_dump({"keys": [record]}, sort_keys=False))
+    if not secret_file.exists():
+        secret_file.write_text("demo:" + secrets.token_urlsafe(32))
+    for f in (key_file, secret_file, keys):
+        f.chmod(0o600)
+    settings = AuthSettings(
+        enabled=True,
+        policy_file=str(policy),
+        api_keys_file=str(keys),
+        signing_keys=secret_file.read_text().strip(),
+    )
+    return settings, key_file.read_text().strip()
 
 
 if __name__ == "__main__":
