@@ -31,6 +31,10 @@ class AssetNotFound(TilerError):
     """The item has no asset of that name."""
 
 
+class InvalidPansharpenParameters(TilerError):
+    """Pansharpening weights, shapes or options that cannot be used."""
+
+
 STATUS_CODES: dict[type[Exception], int] = {
     **DEFAULT_STATUS_CODES,
     **MOSAIC_STATUS_CODES,
@@ -38,6 +42,7 @@ STATUS_CODES: dict[type[Exception], int] = {
     DatasetURLNotAllowed: status.HTTP_403_FORBIDDEN,
     InvalidDatasetURL: status.HTTP_400_BAD_REQUEST,
     AssetNotFound: status.HTTP_404_NOT_FOUND,
+    InvalidPansharpenParameters: status.HTTP_400_BAD_REQUEST,
 }
 
 _URL = re.compile(r"(?:https?|s3|gs|az)://[^\s'\"]+|/vsi\w+/[^\s'\"]+", re.IGNORECASE)
