@@ -488,3 +488,42 @@ def test_policy_file_is_reloaded(dsn, b_item, auth_files, keys, sample, tmp_path
 def test_dates_in_tokens_are_epoch_seconds():
     tok, payload = mint_url_token({"k": b"z" * 40}, sub="u", groups=[], ttl=60)
     assert abs(payload.exp - (dt.datetime.now(dt.UTC).timestamp() + 60)) < 5
+
+
+@pytest.mark.parametrize(
+    "doc,msg",
+    [
+        ({"groups": {"g": [{"collections": []}]}}, "non-empty"),
+        ({"groups": {"g": [{"collections": ["a"], "operations": ["tiles", "write"]}]}}, "unknown operations"),
+        (
+            {"groups": {"g": [{"collections": ["a"], "max_zoom": 12, "operations": ["data"]}]}},
+            "cannot include `data`",
+        ),
+        ({"groups": {"g": [{"collections": ["a"], "max_zoom": "12"}]}}, "max_zoom"),
+        ({"groups": {}, "anonymous": ["nobody"]}, "undefined groups"),
+        ({"groups": {"g": [{"collections": ["a"], "colections": ["b"]}]}}, "unknown keys"),
+        (["not", "a", "mapping"], "mapping"),
+    ],
+)
+def test_policy_errors_are_clear(doc, msg):
+    from tiler.auth import Policy, PolicyError
+
+    with pytest.raises(PolicyError, match=re.escape(msg)):
+        Policy.from_mapping(doc)
+
+
+def test_policy_merges_per_operation():
+    from tiler.auth import Policy
+
+    p = Policy.from_mapping(
+        {
+            "groups": {
+                "thumbs": [{"collections": ["a"], "operations": ["preview"], "max_preview_size": 256}],
+                "low": [{"collections": ["a*"], "max_zoom": 12}],
+            }
+        }
+    )
+    acc = p.access({"thumbs", "low"}, "a")
+    # the thumbnail grant does not lift the tile limit of the other group, and vice versa
+    assert acc.max_zoom == 12 and acc.max_preview_size == 1024 and not acc.allows("data")
+    assert p.access({"thumbs"}, "b") is None and p.access({"low"}, "ab").max_zoom == 12

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from tiler.auth import ApiKeyStore, Policy
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,8 +22,22 @@ def test_compose_services_and_secrets():
     # every password comes from the environment and is required (no default secret)
     for svc in services.values():
         for key, value in (svc.get("environment") or {}).items():
-            if "PASS" in key:
+            if "PASS" in key or key == "TILER_AUTH_SIGNING_KEYS":
                 assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", str(value)), (key, value)
+    # the tiler starts with access control: its policy file is mounted and valid
+    env = services["tiler"]["environment"]
+    assert env.get("TILER_AUTH_ENABLED", "true") != "false"
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in services["tiler"]["volumes"]}
+    policy = (
+        ROOT
+        / "deploy"
+        / mounted[str(Path(env["TILER_AUTH_POLICY_FILE"]).parent)]
+        / Path(env["TILER_AUTH_POLICY_FILE"]).name
+    )
+    Policy.from_mapping(yaml.safe_load(policy.read_text()))
+    ApiKeyStore.from_mapping(
+        yaml.safe_load((policy.parent / Path(env["TILER_AUTH_API_KEYS_FILE"]).name).read_text())
+    )
     # the tiler and the STAC API read the same database
     assert (
         services["tiler"]["environment"]["PGHOST"] == services["stac"]["environment"]["POSTGRES_HOST_READER"]
