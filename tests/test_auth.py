@@ -527,3 +527,20 @@ def test_policy_merges_per_operation():
     # the thumbnail grant does not lift the tile limit of the other group, and vice versa
     assert acc.max_zoom == 12 and acc.max_preview_size == 1024 and not acc.allows("data")
     assert p.access({"thumbs"}, "b") is None and p.access({"low"}, "ab").max_zoom == 12
+
+
+def test_jwks_from_url(auth_files, keys):
+    """The identity provider's keys fetched over HTTP (a loopback server stands in for the IdP)."""
+    from tiler.auth import InvalidCredentials, JwtVerifier
+    from tiler.rangeserver import RangeHTTPServer
+
+    server = RangeHTTPServer(auth_files)
+    server.start_background()
+    try:
+        v = JwtVerifier(jwks_url=f"{server.url}/jwks.json", issuer=ISS, audience=AUD)
+        p = v.verify(make_jwt(keys, key="ec", kid="ec-1", groups=["team-b"]))
+        assert p.user == "alice" and p.groups == {"team-b"} and p.method == "jwt"
+        with pytest.raises(InvalidCredentials):
+            v.verify(make_jwt(keys, key="rogue", kid="rogue-1"))
+    finally:
+        server.shutdown()
