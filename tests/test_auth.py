@@ -329,6 +329,7 @@ def test_search_cannot_widen_past_policy(auth_client, sample, b_item, keys, db):
     assert mine[..., 3].mean() > 0.5 * 255  # the tile is mostly inside the scenes
     assert np.array_equal(mine, coll_a)
     differ = np.any(mine[..., :3] != theirs[..., :3], axis=-1)
+    print(f"pixels differing from the admin search tile: {differ.mean():.0%}")
     assert differ.mean() > 0.3  # B (newest, halved values) shows through the admin's search only
     # nobody can use a search wider than their rights
     assert c.get(f"/searches/{admin_sid}{tile}", params=MS_RGB, headers=alice).status_code == 403
