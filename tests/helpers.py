@@ -87,3 +87,22 @@ def test_signer(href: str, refresh: bool = False) -> str:
     if refresh or href not in SIGNER["cache"]:
         SIGNER["cache"][href] = f"{href}?sig={SIGNER['current']}"
     return SIGNER["cache"][href]
+
+
+def grid_tile(
+    x: float, y: float, origin: tuple[float, float], cell: float, size: int = 256
+) -> tuple[int, int]:
+    """(col, row) of the tile holding map point x/y in a top-left-origin grid of ``cell`` metres."""
+    span = cell * size
+    return math.floor((x - origin[0]) / span), math.floor((origin[1] - y) / span)
+
+
+def grid_tile_centres(
+    col: int, row: int, origin: tuple[float, float], cell: float, size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """Map coordinates of the pixel centres of tile col/row: origin + col * tile span."""
+    minx = origin[0] + col * cell * size
+    maxy = origin[1] - row * cell * size
+    xs = minx + (np.arange(size) + 0.5) * cell
+    ys = maxy - (np.arange(size) + 0.5) * cell
+    return np.meshgrid(xs, ys)
