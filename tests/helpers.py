@@ -73,3 +73,22 @@ def lonlat_of_item_centre(item: dict) -> tuple[float, float]:
     """Centre of an item's footprint bbox."""
     w, s, e, n = item["bbox"]
     return (w + e) / 2, (s + n) / 2
+
+
+def grid_tile(
+    x: float, y: float, origin: tuple[float, float], cell: float, size: int = 256
+) -> tuple[int, int]:
+    """(col, row) of the tile holding map point x/y in a top-left-origin grid of ``cell`` metres."""
+    span = cell * size
+    return math.floor((x - origin[0]) / span), math.floor((origin[1] - y) / span)
+
+
+def grid_tile_centres(
+    col: int, row: int, origin: tuple[float, float], cell: float, size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """Map coordinates of the pixel centres of tile col/row: origin + col * tile span."""
+    minx = origin[0] + col * cell * size
+    maxy = origin[1] - row * cell * size
+    xs = minx + (np.arange(size) + 0.5) * cell
+    ys = maxy - (np.arange(size) + 0.5) * cell
+    return np.meshgrid(xs, ys)

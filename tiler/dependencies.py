@@ -1,4 +1,4 @@
-"""FastAPI dependencies: dataset URL allow-list, STAC asset lookup, GDAL environment."""
+"""FastAPI dependencies: dataset URL allow-list, STAC item and asset lookup, GDAL environment."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ from collections.abc import Callable, Sequence
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from fastapi import Path, Query
+import pystac
+from fastapi import Depends, Path, Query
+from rasterio.crs import CRS
+from rio_tiler.errors import MissingAssets
 from starlette.requests import Request
-from titiler.pgstac.dependencies import get_stac_item
+from titiler.pgstac.dependencies import ItemIdParams, get_stac_item
+from titiler.pgstac.reader import PgSTACReader
 
 from tiler.errors import AssetNotFound, DatasetURLNotAllowed, InvalidDatasetURL
 from tiler.settings import CogSettings, GdalSettings
@@ -138,6 +142,30 @@ def gdal_env_dependency(settings: GdalSettings) -> Callable[[], dict[str, str | 
         return dict(options)
 
     return environment
+
+
+def ItemParams(  # noqa: N802 - titiler naming
+    request: Request, item: Annotated[pystac.Item, Depends(ItemIdParams)]
+) -> pystac.Item:
+    """The pgstac item (titiler-pgstac's ``ItemIdParams``), also kept on ``request.state``.
+
+    ``native_extent`` reads it back so that WMTS layers get a BoundingBox
+    projected from the item's own CRS rather than from its WGS84 envelope.
+    """
+    request.state.stac_item = item
+    return item
+
+
+def native_extent(request: Request) -> tuple[CRS, tuple[float, float, float, float]] | None:
+    """CRS and bounds (projection extension) of the item this request reads, if any; no I/O."""
+    item = getattr(request.state, "stac_item", None)
+    if item is None:
+        return None
+    try:
+        with PgSTACReader(item) as src:
+            return src.crs, tuple(src.bounds)
+    except MissingAssets:
+        return None
 
 
 def AssetIdParams(  # noqa: N802 - titiler naming

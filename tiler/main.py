@@ -37,7 +37,7 @@ from titiler.extensions import stacRenderExtension, wmtsExtension
 from titiler.extensions.render import _adapt_render_for_v2
 from titiler.mosaic.extensions.wmts import wmtsExtension as mosaicWmtsExtension
 from titiler.pgstac import __version__ as titiler_pgstac_version
-from titiler.pgstac.dependencies import CollectionIdParams, ItemIdParams, SearchIdParams
+from titiler.pgstac.dependencies import CollectionIdParams, SearchIdParams
 from titiler.pgstac.extensions import searchInfoExtension
 from titiler.pgstac.factory import (
     MosaicTilerFactory,
@@ -48,10 +48,16 @@ from titiler.pgstac.reader import PgSTACReader
 
 from tiler import __version__
 from tiler.db import database_ok, open_pool, pgstac_version
-from tiler.dependencies import AssetIdParams, cog_url_dependency, gdal_env_dependency
+from tiler.dependencies import (
+    AssetIdParams,
+    ItemParams,
+    cog_url_dependency,
+    gdal_env_dependency,
+    native_extent,
+)
 from tiler.errors import register_error_handlers
 from tiler.settings import Settings
-from tiler.tms import supported_tms
+from tiler.tms import bbox_in_tms, supported_tms
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +77,9 @@ def _templates() -> Jinja2Templates:
             ]
         ),
     )
+    # wmts.xml: each layer's BoundingBox in its TileMatrixSet's CRS
+    env.globals["tms_bbox"] = bbox_in_tms
+    env.globals["native_extent"] = native_extent
     return Jinja2Templates(env=env)
 
 
@@ -165,7 +174,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
             get_renders=_renders_from_metadata,
             environment_dependency=env_dep,
             supported_tms=supported_tms,
-            extensions=[searchInfoExtension(), mosaicWmtsExtension()],
+            extensions=[searchInfoExtension(), mosaicWmtsExtension(templates=templates)],
             templates=templates,
         )
 
@@ -198,13 +207,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     # single STAC items
     items = MultiBaseTilerFactory(
         reader=PgSTACReader,
-        path_dependency=ItemIdParams,
+        path_dependency=ItemParams,
         router_prefix="/collections/{collection_id}/items/{item_id}",
         add_viewer=True,
         get_renders=_renders_from_item,
         environment_dependency=env_dep,
         supported_tms=supported_tms,
-        extensions=[wmtsExtension(), stacRenderExtension()],
+        extensions=[wmtsExtension(templates=templates), stacRenderExtension()],
         templates=templates,
     )
     app.include_router(
@@ -220,7 +229,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
             add_viewer=True,
             environment_dependency=env_dep,
             supported_tms=supported_tms,
-            extensions=[wmtsExtension()],
+            extensions=[wmtsExtension(templates=templates)],
             templates=templates,
         )
         app.include_router(
@@ -238,7 +247,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
             add_viewer=True,
             environment_dependency=env_dep,
             supported_tms=supported_tms,
-            extensions=[wmtsExtension()],
+            extensions=[wmtsExtension(templates=templates)],
             templates=templates,
         )
         app.include_router(cog.router, tags=["Cloud Optimized GeoTIFF"], prefix="/cog")
