@@ -1,4 +1,4 @@
-"""Raster statistics written at ingest."""
+"""Raster statistics written at ingest, and the default stretch that uses them."""
 
 from __future__ import annotations
 
@@ -6,13 +6,22 @@ import json
 import threading
 
 import numpy as np
+import pystac
 import pytest
 import rasterio
 from click.testing import CliRunner
 
+from tests.helpers import (
+    expected_nearest,
+    lonlat_of_item_centre,
+    mercator_tile,
+    mercator_tile_centres,
+    read_png,
+)
 from tiler import ingest
 from tiler.cli import ingest as ingest_command
 from tiler.ingest import load
+from tiler.reader import ItemReader, MosaicItemReader
 from tiler.stats import choose_overview
 
 C = "spot67-demo"
@@ -206,3 +215,67 @@ def test_cli_flags(dsn, db, sample, tmp_path, reads):
     r = runner.invoke(ingest_command, ["--dsn", dsn, *paths])
     assert r.exit_code == 0, r.output
     assert len(reads) == 6 and all(stored_stats(db, sample.item(0)["id"], "ms", "stats-cli"))
+
+
+def test_readers_take_the_percentiles_as_dataset_statistics(db, sample):
+    item = stored_item(db, sample.item(0)["id"])
+    stats = [b["statistics"] for b in item["assets"]["ms"]["raster:bands"]]
+    stretch = [(s["percentile_2"], s["percentile_98"]) for s in stats]
+    with ItemReader(pystac.Item.from_dict(item)) as src:
+        assert src._get_asset_info("ms")["dataset_statistics"] == stretch
+        assert "dataset_statistics" not in src._get_asset_info({"name": "ms", "expression": "b1/b2"})
+    with MosaicItemReader(item) as src:
+        assert src._get_asset_info("ms")["dataset_statistics"] == stretch
+    # without percentiles, rio-tiler's behaviour: minimum/maximum
+    for b in item["assets"]["ms"]["raster:bands"]:
+        del b["statistics"]["percentile_2"]
+    with ItemReader(pystac.Item.from_dict(item)) as src:
+        assert src._get_asset_info("ms")["dataset_statistics"] == [
+            (s["minimum"], s["maximum"]) for s in stats
+        ]
+
+
+def test_default_stretch_of_an_8bit_tile_is_the_percentile_range(client, db, sample):
+    """A JPEG tile of uint16 data without `rescale` maps percentile_2..98 to 0..255.
+
+    JPEG is lossy: the mean error must stay small (< 5 levels) and well below what the
+    minimum..maximum stretch would give. The tile lies inside the footprint: see
+    test_default_stretch_upstream_mask_bug for tiles whose first rows are nodata.
+    """
+    item = sample.item(0)
+    stats = stored_stats(db, item["id"], "ms")
+    lon, lat = lonlat_of_item_centre(item)
+    x, y = mercator_tile(lon, lat, 15)
+    r = client.get(
+        f"/collections/{C}/items/{item['id']}/tiles/WebMercatorQuad/15/{x}/{y}.jpg",
+        params={"assets": "ms|bidx=3,2,1"},
+    )
+    assert r.status_code == 200, r.text
+    img = read_png(r.content).astype("float64")
+    src, valid = expected_nearest(sample.path(0, "ms"), *mercator_tile_centres(x, y, 15))
+    assert valid.sum() > 1000
+    for out_band, src_band in enumerate([2, 1, 0]):
+        s = stats[src_band]
+
+        def stretched(lo, hi, band=src_band):
+            return np.clip((src[band] - lo) / (hi - lo) * 255, 0, 255)
+
+        err = np.abs(img[..., out_band] - stretched(s["percentile_2"], s["percentile_98"]))[valid].mean()
+        err_minmax = np.abs(img[..., out_band] - stretched(s["minimum"], s["maximum"]))[valid].mean()
+        assert err < 5, err
+        assert err_minmax > 2 * err
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="titiler 2.3 rescale_array() masks band b with row b of the 2-D mask "
+    "(numpy.where(mask[bdx], ...)): where the first rows are nodata, whole columns come out 0",
+)
+def test_default_stretch_upstream_mask_bug(client, sample):
+    # the preview's first rows are outside the rotated footprint: the image comes out black
+    r = client.get(
+        f"/collections/{C}/items/{sample.item(0)['id']}/preview.jpg",
+        params={"assets": "ms|bidx=3,2,1", "max_size": 256},
+    )
+    assert r.status_code == 200
+    assert read_png(r.content).mean() > 50

@@ -44,7 +44,6 @@ from titiler.pgstac.factory import (
     add_search_list_route,
     add_search_register_route,
 )
-from titiler.pgstac.reader import PgSTACReader
 
 from tiler import __version__
 from tiler.db import database_ok, open_pool, pgstac_version
@@ -56,6 +55,7 @@ from tiler.dependencies import (
     native_extent,
 )
 from tiler.errors import register_error_handlers
+from tiler.reader import ItemReader, MosaicItemReader
 from tiler.settings import Settings
 from tiler.tms import bbox_in_tms, supported_tms
 
@@ -168,6 +168,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         return MosaicTilerFactory(
             path_dependency=path_dependency,
             router_prefix=prefix,
+            dataset_reader=MosaicItemReader,
             add_statistics=True,
             add_viewer=True,
             add_part=True,
@@ -206,7 +207,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
 
     # single STAC items
     items = MultiBaseTilerFactory(
-        reader=PgSTACReader,
+        reader=ItemReader,
         path_dependency=ItemParams,
         router_prefix="/collections/{collection_id}/items/{item_id}",
         add_viewer=True,

@@ -5,7 +5,8 @@ closest to `TARGET_SIZE` pixels (a file without overviews, i.e. one that fits in
 a block or two, is read at full resolution). Nodata and masked pixels are left
 out. Besides the raster extension's ``minimum``, ``maximum``, ``mean``,
 ``stddev`` and ``valid_percent``, each band gets ``percentile_2`` and
-``percentile_98``, the range of a default contrast stretch.
+``percentile_98``: the server's default stretch (`tiler.reader`), used where a
+rendered format needs 8-bit values and no ``rescale`` is given.
 """
 
 from __future__ import annotations
@@ -37,6 +38,16 @@ def has_statistics(asset: dict) -> bool:
     """Every band already has a ``statistics`` object (ours or a provider's: never overwritten)."""
     bands = asset.get("raster:bands") or []
     return bool(bands) and all(b.get("statistics") for b in bands)
+
+
+def stretch_range(bands: Sequence[dict] | None) -> list[tuple[float, float]] | None:
+    """(percentile_2, percentile_98) of each band, or None unless every band has both."""
+    if not bands:
+        return None
+    stats = [b.get("statistics") or {} for b in bands]
+    if not all(all(isinstance(s.get(k), int | float) for k in STRETCH_KEYS) for s in stats):
+        return None
+    return [(float(s[STRETCH_KEYS[0]]), float(s[STRETCH_KEYS[1]])) for s in stats]
 
 
 def choose_overview(width: int, height: int, factors: Sequence[int], target: int = TARGET_SIZE) -> int | None:
