@@ -154,3 +154,15 @@ def test_tiler_serve_refuses_to_start_without_policy(cluster):
     assert proc.returncode != 0
     assert "TILER_AUTH_POLICY_FILE is required" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_gdal_cachemax_is_megabytes():
+    """`TILER_GDAL_GDAL_CACHEMAX=200` means 200 MB for GDAL, not 200 bytes."""
+    import rasterio
+    from rasterio._env import get_gdal_config
+
+    from tiler.settings import GdalSettings
+
+    opts = GdalSettings(gdal_cachemax=200).options()
+    with rasterio.Env(GDAL_CACHEMAX=opts["GDAL_CACHEMAX"]):
+        assert int(get_gdal_config("GDAL_CACHEMAX")) == 200 * 1024 * 1024

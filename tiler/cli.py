@@ -46,14 +46,30 @@ def serve(host: str, port: int, workers: int) -> None:
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--dsn", envvar="DATABASE_URL", help="pgstac DSN (default: DATABASE_URL or PG* variables).")
-def ingest(paths: tuple[str, ...], dsn: str | None) -> None:
+@click.option(
+    "--stats/--no-stats",
+    default=True,
+    show_default=True,
+    help="Write per-band statistics (min, max, mean, stddev, valid %, 2nd/98th percentiles) "
+    "into COG assets' raster:bands, read from an overview of about 1024 px.",
+)
+@click.option(
+    "--recompute-stats",
+    is_flag=True,
+    help="Read every COG again, even when the documents or the database already have statistics.",
+)
+def ingest(paths: tuple[str, ...], dsn: str | None, stats: bool, recompute_stats: bool) -> None:
     """Validate then upsert STAC collections/items (JSON, NDJSON, static catalog) into pgstac."""
     from tiler.ingest import InvalidStac, load
-    from tiler.settings import DatabaseSettings
+    from tiler.settings import DatabaseSettings, GdalSettings
 
+    if recompute_stats and not stats:
+        raise click.UsageError("--recompute-stats and --no-stats contradict each other")
     dsn = dsn or DatabaseSettings().dsn
     try:
-        ncoll, nitems = load(dsn, paths)
+        ncoll, nitems = load(
+            dsn, paths, stats=stats, recompute_stats=recompute_stats, gdal_options=GdalSettings().options()
+        )
     except InvalidStac as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"loaded {ncoll} collection(s) and {nitems} item(s)")
@@ -164,11 +180,12 @@ def demo(port: int, data_dir: Path, pg_port: int, cog_port: int, scenes: int, si
     cog_url = f"http://127.0.0.1:{cog_port}"
     log.info("generating %d sample scenes in %s", scenes, cog_dir)
     _, items = generate(cog_dir, cog_url, n_scenes=scenes, ms_size=size)
-    load(cluster.dsn, [cog_dir / "collection.json", cog_dir / "items.ndjson"], progress=False)
 
     ranges = RangeHTTPServer(cog_dir, port=cog_port)
     ranges.start_background()
     log.info("serving COGs with Range support on %s", cog_url)
+    # ingest reads the COGs through that server to compute their statistics
+    load(cluster.dsn, [cog_dir / "collection.json", cog_dir / "items.ndjson"], progress=False)
 
     from tiler.auth import mint_url_token
     from tiler.main import create_app

@@ -56,11 +56,10 @@ from tiler.dependencies import (
     native_extent,
 )
 from tiler.errors import register_error_handlers
+from tiler.reader import ItemReader, MosaicItemReader
 from tiler.settings import Settings
 from tiler.tms import bbox_in_tms, supported_tms
 from tiler.upstream import (
-    ItemReader,
-    MosaicItemReader,
     SigningReader,
     install,
     load_credentials,
@@ -202,12 +201,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         return MosaicTilerFactory(
             path_dependency=path_dependency,
             router_prefix=prefix,
+            dataset_reader=MosaicItemReader,
             add_statistics=True,
             add_viewer=True,
             add_part=True,
             get_renders=_renders_from_metadata,
             environment_dependency=env_dep,
-            dataset_reader=MosaicItemReader,
             supported_tms=supported_tms,
             extensions=[searchInfoExtension(), mosaicWmtsExtension(templates=templates)],
             templates=templates,

@@ -149,14 +149,20 @@ class GdalSettings(BaseSettings):
     gdal_http_retry_delay: str = "0.5"
     vsi_cache: str = "TRUE"
     vsi_cache_size: str = "5000000"
-    gdal_cachemax: int = 200
+    gdal_cachemax: int = Field(default=200, ge=1, description="GDAL block cache, MB (process-wide).")
     cpl_vsil_curl_cache_size: str = "200000000"
 
     model_config = SettingsConfigDict(env_prefix="TILER_GDAL_", extra="ignore")
 
     def options(self) -> dict[str, str | int]:
-        """GDAL config options keyed by their GDAL names."""
-        return {k.upper(): v for k, v in self.model_dump().items()}
+        """GDAL config options keyed by their GDAL names.
+
+        ``GDAL_CACHEMAX`` is given in bytes: rasterio hands an integer straight to
+        ``GDALSetCacheMax64``, so ``200`` would mean a 200-byte block cache.
+        """
+        out: dict[str, str | int] = {k.upper(): v for k, v in self.model_dump().items()}
+        out["GDAL_CACHEMAX"] = self.gdal_cachemax * 1024 * 1024
+        return out
 
 
 class AuthSettings(BaseSettings):
