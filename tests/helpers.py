@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import numpy as np
@@ -106,3 +107,14 @@ def grid_tile_centres(
     xs = minx + (np.arange(size) + 0.5) * cell
     ys = maxy - (np.arange(size) + 0.5) * cell
     return np.meshgrid(xs, ys)
+
+
+def copy_items(sample, directory, collection: str, mutate=None) -> list:
+    """Write the sample collection and items under another collection id; return the two paths."""
+    coll = dict(sample.collection, id=collection)
+    items = [dict(json.loads(json.dumps(it)), collection=collection) for it in sample.items]
+    if mutate:
+        mutate(items)
+    (directory / "collection.json").write_text(json.dumps(coll))
+    (directory / "items.ndjson").write_text("".join(json.dumps(i) + "\n" for i in items))
+    return [directory / "collection.json", directory / "items.ndjson"]

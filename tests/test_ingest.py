@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests.helpers import copy_items
 from tiler.ingest import InvalidStac, load
 
 
@@ -13,22 +14,8 @@ def count(db, collection):
     return db.execute("SELECT count(*) FROM pgstac.items WHERE collection = %s", (collection,)).fetchone()[0]
 
 
-def copy_items(sample, tmp_path, collection="ingest-test", mutate=None):
-    coll = dict(sample.collection, id=collection)
-    items = []
-    for it in sample.items:
-        it = json.loads(json.dumps(it))
-        it["collection"] = collection
-        items.append(it)
-    if mutate:
-        mutate(items)
-    (tmp_path / "collection.json").write_text(json.dumps(coll))
-    (tmp_path / "items.ndjson").write_text("".join(json.dumps(i) + "\n" for i in items))
-    return [tmp_path / "collection.json", tmp_path / "items.ndjson"]
-
-
 def test_ingest_and_upsert(dsn, db, sample, tmp_path):
-    paths = copy_items(sample, tmp_path)
+    paths = copy_items(sample, tmp_path, "ingest-test")
     assert load(dsn, paths, progress=False) == (1, 3)
     assert count(db, "ingest-test") == 3
 
@@ -36,7 +23,7 @@ def test_ingest_and_upsert(dsn, db, sample, tmp_path):
     def bump(items):
         items[0]["properties"]["eo:cloud_cover"] = 42.0
 
-    paths = copy_items(sample, tmp_path, mutate=bump)
+    paths = copy_items(sample, tmp_path, "ingest-test", mutate=bump)
     load(dsn, paths, progress=False)
     assert count(db, "ingest-test") == 3
     cc = db.execute(

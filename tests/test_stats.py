@@ -12,6 +12,7 @@ import rasterio
 from click.testing import CliRunner
 
 from tests.helpers import (
+    copy_items,
     expected_nearest,
     lonlat_of_item_centre,
     mercator_tile,
@@ -121,16 +122,6 @@ def test_nodata_is_excluded(db, sample):
         arr = src.read()
     with_nodata = numpy_stats(arr[0].ravel(), arr[0].size)
     assert with_nodata["minimum"] == NODATA and stats[0]["mean"] > with_nodata["mean"] * 1.3
-
-
-def copy_items(sample, tmp_path, collection, mutate=None):
-    coll = dict(sample.collection, id=collection)
-    items = [dict(json.loads(json.dumps(it)), collection=collection) for it in sample.items]
-    if mutate:
-        mutate(items)
-    (tmp_path / "collection.json").write_text(json.dumps(coll))
-    (tmp_path / "items.ndjson").write_text("".join(json.dumps(i) + "\n" for i in items))
-    return [tmp_path / "collection.json", tmp_path / "items.ndjson"]
 
 
 def test_no_stats_leaves_them_out(dsn, db, sample, tmp_path):

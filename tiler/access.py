@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from urllib.parse import parse_qsl, quote, urlencode
 
 import morecantile
-from cachetools import LRUCache
+from cachetools import LRUCache, cachedmethod
 from fastapi import APIRouter, Body, Depends, HTTPException, Query
 from psycopg import errors as pg_errors
 from pydantic import BaseModel, Field
@@ -103,8 +103,7 @@ class UrlTokenMiddleware:
             await self.app(scope, receive, send)
             return
         root = scope.get("root_path", "")
-        path: str = scope["path"]
-        rel = path[len(root) :] if root and path.startswith(root) else path
+        rel = get_route_path(scope)
         marker = f"/{URL_TOKEN_SEGMENT}/"
         token = None
         if rel.startswith(marker):
@@ -158,7 +157,6 @@ class RevocationList:
         self._ids: frozenset[str] = frozenset()
         self._loaded = 0.0
         self._lock = threading.Lock()
-        self.available = True
 
     def ensure_schema(self) -> None:
         """Create the table when missing (needs CREATE rights; `tiler migrate` does it too)."""
@@ -174,7 +172,6 @@ class RevocationList:
                 "SELECT jti FROM tiler_auth.revoked_tokens WHERE expires_at > now()"
             ).fetchall()
         self._ids = frozenset(r[0] for r in rows)
-        self.available = True
 
     def __call__(self, jti: str) -> bool:
         """True when ``jti`` is revoked."""
@@ -185,7 +182,6 @@ class RevocationList:
                     try:
                         self._refresh()
                     except Exception as e:  # database down: keep the last known list
-                        self.available = False
                         logger.warning("revocation list not refreshed: %s", e.__class__.__name__)
                     self._loaded = now
         return jti in self._ids
@@ -273,24 +269,23 @@ class Authenticator:
         tok = verify_url_token(token, self.keys, revoked=self.revoked)
         return Principal(user=tok.sub, groups=frozenset(tok.groups), method="url-token", token=tok)
 
+    @cachedmethod(
+        lambda self: self._searches,
+        key=lambda self, pool, search_id: search_id,
+        lock=lambda self: self._searches_lock,
+    )
     def search_collections(self, pool: Any, search_id: str) -> tuple[str, ...] | None:
         """Collections a registered search is restricted to (None: unrestricted).
 
         Raises KeyError for an unknown search. Searches are content-addressed
         (their id is a hash of the query), so a cached answer never goes stale.
         """
-        with self._searches_lock:
-            if search_id in self._searches:
-                return self._searches[search_id]
         with pool.connection() as conn:
             row = conn.execute("SELECT search FROM pgstac.searches WHERE hash = %s", (search_id,)).fetchone()
         if row is None:
             raise KeyError(search_id)
         cols = row[0].get("collections") if isinstance(row[0], dict) else None
-        value = tuple(cols) if cols else None
-        with self._searches_lock:
-            self._searches[search_id] = value
-        return value
+        return tuple(cols) if cols else None
 
 
 # --------------------------------------------------------------------------- classification
@@ -663,13 +658,13 @@ def auth_router() -> APIRouter:
             raise HTTPException(400, "Give exactly one of `collection` or `search`")
         if tms not in supported_tms.list():
             raise HTTPException(400, f"Unknown TileMatrixSet {tms!r}")
+        renders = _renders(request.app.state.dbpool, collection, search)
+        if render is not None and render not in renders:
+            raise HTTPException(400, f"Unknown render {render!r}; available: {sorted(renders)}")
         req = TokenRequest(
             collections=[collection] if collection else None, search=search, max_zoom=max_zoom, ttl=ttl
         )
         minted = mint_for(request, req)
-        renders = _renders(request.app.state.dbpool, collection, search)
-        if render is not None and render not in renders:
-            raise HTTPException(400, f"Unknown render {render!r}; available: {sorted(renders)}")
         name = render or next(iter(renders), None)
         qs = f"?{render_query(renders[name])}" if name else ""
         base = (
@@ -694,10 +689,8 @@ def auth_router() -> APIRouter:
     def revoke(request: Request, body: Annotated[RevokeRequest, Body()]) -> None:
         auth, principal = _require_user(request)
         try:
-            tok = verify_url_token(body.token, auth.keys)
+            tok = verify_url_token(body.token, auth.keys)  # revoking twice is harmless (ON CONFLICT)
         except InvalidCredentials as e:
-            if "revoked" in str(e):
-                return None
             raise HTTPException(400, f"Cannot revoke: {e}") from e
         if tok.sub != principal.user:
             raise HTTPException(403, "You can only revoke your own tokens")

@@ -196,10 +196,9 @@ class Policy:
             groups[str(name)] = tuple(_parse_grant(str(name), g) for g in grants)
         anonymous = tuple(doc.get("anonymous") or ())
         cog = tuple(doc.get("cog") or ())
-        for key, names in (("anonymous", anonymous), ("cog", cog)):
-            missing = [g for g in names if key == "anonymous" and g not in groups]
-            if missing:
-                raise PolicyError(f"policy: `{key}` names undefined groups {missing}")
+        missing = [g for g in anonymous if g not in groups]
+        if missing:
+            raise PolicyError(f"policy: `anonymous` names undefined groups {missing}")
         return cls(groups=groups, anonymous=anonymous, cog_groups=cog)
 
     def access(self, groups: Iterable[str], collection_id: str) -> Access | None:

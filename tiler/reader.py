@@ -16,11 +16,13 @@ that is upstream (see tests/test_stats.py), not fixed here.
 
 from __future__ import annotations
 
+import attr
+from rio_tiler.io import Reader
 from rio_tiler.types import AssetInfo, AssetType
+from titiler.pgstac.reader import PgSTACReader, SimpleSTACReader
 
 from tiler.stats import stretch_range
-from tiler.upstream import ItemReader as SigningItemReader
-from tiler.upstream import MosaicItemReader as SigningMosaicItemReader
+from tiler.upstream import SigningReader
 
 
 def _with_stretch(info: AssetInfo, metadata: dict) -> AssetInfo:
@@ -32,16 +34,22 @@ def _with_stretch(info: AssetInfo, metadata: dict) -> AssetInfo:
     return info
 
 
-class ItemReader(SigningItemReader):
-    """Reader of one pgstac item (item and asset endpoints); assets opened with upstream signing."""
+@attr.s
+class ItemReader(PgSTACReader):
+    """Reader of one pgstac item (item and asset endpoints); assets opened by `SigningReader`."""
+
+    reader: type[Reader] = attr.ib(default=SigningReader)
 
     def _get_asset_info(self, asset: AssetType) -> AssetInfo:
         info = super()._get_asset_info(asset)
         return _with_stretch(info, self.item.assets[info["name"]].extra_fields)
 
 
-class MosaicItemReader(SigningMosaicItemReader):
-    """Reader of the items of a mosaic (collections and registered searches); assets opened with upstream signing."""
+@attr.s
+class MosaicItemReader(SimpleSTACReader):
+    """Reader of the items of a mosaic (collections and registered searches); assets opened by `SigningReader`."""
+
+    reader: type[Reader] = attr.ib(default=SigningReader)
 
     def _get_asset_info(self, asset: AssetType) -> AssetInfo:
         info = super()._get_asset_info(asset)

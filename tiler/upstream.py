@@ -39,7 +39,6 @@ import attr
 import rasterio
 from rasterio.errors import RasterioIOError
 from rio_tiler.io import Reader
-from titiler.pgstac.reader import PgSTACReader, SimpleSTACReader
 
 from tiler.auth import PolicyError, load_document
 
@@ -58,10 +57,6 @@ class Credential:
     headers: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, str] = field(default_factory=dict)
     signer: Signer | None = None
-
-    def secrets(self) -> list[str]:
-        """Values that must never appear in output."""
-        return [v for v in (*self.headers.values(), *self.options.values()) if len(v) >= 4]
 
 
 def _expand(value: Any, where: str) -> str:
@@ -124,6 +119,7 @@ def gdal_path(prefix: str) -> str:
     return "/vsicurl/" + prefix
 
 
+@functools.cache
 def _gdal_lib() -> ctypes.CDLL:
     """Rasterio's own libgdal (its wheel bundles one), else the system one."""
     here = Path(rasterio.__file__).parent
@@ -222,7 +218,8 @@ def _retry_on_refusal(method: Callable) -> Callable:
         except RasterioIOError as e:
             if self._signer is None or not _refused(e):
                 raise
-            self._reopen_signed(refresh=True)
+            logger.info("upstream refused a signed href while reading; signing it again")
+            self._open_signed(refresh=True)
             return method(self, *args, **kwargs)
 
     return wrapper
@@ -249,17 +246,16 @@ class SigningReader(Reader):
             return
         self._href = href
         try:
-            self.dataset = self._ctx_stack.enter_context(rasterio.open(self._signer(href)))
+            self._open_signed(refresh=False)
         except RasterioIOError as e:
             if not _refused(e):
                 raise
             logger.info("upstream refused a signed href at open; signing it again")
-            self.dataset = self._ctx_stack.enter_context(rasterio.open(self._signer(href, refresh=True)))
+            self._open_signed(refresh=True)
         super().__attrs_post_init__()
 
-    def _reopen_signed(self, refresh: bool) -> None:
+    def _open_signed(self, refresh: bool) -> None:
         assert self._signer is not None and self._href is not None
-        logger.info("upstream refused a signed href while reading; signing it again")
         self.dataset = self._ctx_stack.enter_context(rasterio.open(self._signer(self._href, refresh=refresh)))
 
     tile = _retry_on_refusal(Reader.tile)
@@ -268,17 +264,3 @@ class SigningReader(Reader):
     point = _retry_on_refusal(Reader.point)
     feature = _retry_on_refusal(Reader.feature)
     statistics = _retry_on_refusal(Reader.statistics)
-
-
-@attr.s
-class ItemReader(PgSTACReader):
-    """titiler-pgstac's item reader, opening assets with `SigningReader`."""
-
-    reader: type[Reader] = attr.ib(default=SigningReader)
-
-
-@attr.s
-class MosaicItemReader(SimpleSTACReader):
-    """titiler-pgstac's mosaic item reader, opening assets with `SigningReader`."""
-
-    reader: type[Reader] = attr.ib(default=SigningReader)
