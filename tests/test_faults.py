@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import copy_items
 from starlette.testclient import TestClient
 
 from tests.conftest import free_port, make_settings
@@ -18,12 +19,13 @@ from tiler.main import create_app
 
 
 def test_missing_cog_is_502_without_secrets(client, dsn, sample, cog_server, tmp_path):
-    item = json.loads(json.dumps(sample.item(0)))
-    item["id"] = "BROKEN_HREF"
-    item["assets"]["ms"]["href"] = cog_server.url + "/gone.tif?token=SECRET-TOKEN-123"
-    p = tmp_path / "item.json"
-    p.write_text(json.dumps(item))
-    load(dsn, [p], progress=False)
+    # in a collection of its own: the shared sample collection must stay readable for other tests
+    def break_first(items):
+        items[0]["id"] = "BROKEN_HREF"
+        items[0]["assets"]["ms"]["href"] = cog_server.url + "/gone.tif?token=SECRET-TOKEN-123"
+
+    load(dsn, copy_items(sample, tmp_path, "faults-broken", mutate=break_first), progress=False)
+    item = {"collection": "faults-broken"}
 
     r = client.get(
         f"/collections/{item['collection']}/items/BROKEN_HREF/preview.png", params={"assets": "ms"}
@@ -33,7 +35,7 @@ def test_missing_cog_is_502_without_secrets(client, dsn, sample, cog_server, tmp
     assert "detail" in r.json()
     # the server is fine afterwards
     ok = client.get(
-        f"/collections/{item['collection']}/items/{sample.item(0)['id']}/preview.tif",
+        f"/collections/{item['collection']}/items/{sample.item(1)['id']}/preview.tif",
         params={"assets": "ms", "max_size": 32},
     )
     assert ok.status_code == 200

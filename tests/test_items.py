@@ -182,7 +182,7 @@ def test_asset_endpoint_tile_and_unknown_asset(client, sample):
         ("/items/NOPE/info", {"assets": "ms"}, {404}),
         ("/items/{item}/tiles/NoSuchTMS/15/1/1.png", {"assets": "ms"}, {422}),
         ("/items/{item}/tiles/WebMercatorQuad/15/1/1.png", {"assets": "nope"}, {400, 404}),
-        ("/items/{item}/tiles/WebMercatorQuad/15/1/1.png", {}, {422}),
+        ("/items/{item}/tiles/WebMercatorQuad/15/1/1.png", {"preset": "nope"}, {400}),
         ("/items/{item}/preview.png", {"assets": "ms", "rescale": "abc"}, {400, 422}),
         ("/items/{item}/preview.png", {"assets": "ms", "expression": "b1+"}, {400, 422}),
         ("/items/{item}/preview.png", {"assets": "ms", "max_size": "-5"}, {400, 422}),

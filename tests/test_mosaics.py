@@ -165,7 +165,8 @@ def test_mosaic_tilejson_wmts_and_png(client, sample):
     w, s, e, n = tj["bounds"]
     for it in sample.items:
         assert w <= it["bbox"][0] + 1e-6 and e >= it["bbox"][2] - 1e-6
-    assert tj["raster_layers"]["natural"]["assets"] == ["ms|bidx=3,2,1"]
+    assert tj["raster_layers"]["natural"] == {"preset": "natural"}
+    assert list(tj["raster_layers"]) == ["natural", "false-color", "ndvi", "panchromatic", "pansharpened"]
 
     r = client.get(
         f"/collections/{C}/WMTSCapabilities.xml", params={"assets": "ms|bidx=3,2,1", "rescale": "200,1800"}

@@ -47,7 +47,7 @@ def test_sample_scenes_are_spot_like(sample):
     item = sample.item(0)
     assert [b["common_name"] for b in item["assets"]["ms"]["eo:bands"]] == ["blue", "green", "red", "nir"]
     assert item["assets"]["ms"]["file:header_size"] > 0
-    assert "natural" in sample.collection["renders"]
+    assert sample.collection["renders"]["pansharpened"]["pansharpen"]["weights"]["*"]["green"] == 0.35
 
 
 def test_health_landing_viewer_and_headers(client, sample):

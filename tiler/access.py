@@ -8,8 +8,6 @@ they are listed as public or classified: a new endpoint cannot leak by default.
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import math
 import threading
@@ -27,7 +25,6 @@ from pydantic import BaseModel, Field
 from starlette._utils import get_route_path
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
-from titiler.extensions.render import _adapt_render_for_v2
 from titiler.pgstac import model as pgstac_model
 from titiler.pgstac.dependencies import SearchParams
 
@@ -46,6 +43,7 @@ from tiler.auth import (
     mint_url_token,
     verify_url_token,
 )
+from tiler.dependencies import presets_for
 from tiler.settings import AuthSettings
 from tiler.tms import supported_tms
 
@@ -72,6 +70,7 @@ PUBLIC_ROUTES = {
     "/algorithms/{algorithmId}",
     "/colorMaps",
     "/colorMaps/{colorMapId}",
+    "/presets",
 }
 
 _DATA_ROUTE_PREFIXES = ("/point/", "/bbox/", "/feature", "/statistics", "/part")
@@ -586,38 +585,6 @@ def mint_for(request: Request, req: TokenRequest) -> TokenResponse:
     )
 
 
-def render_query(render: dict[str, Any]) -> str:
-    """Tile query string of a STAC render (render extension) for titiler 2."""
-    values = copy.deepcopy(render)
-    for key in ("title", "minmax_zoom", "tilematrixsets", "thumbnail", "links"):
-        values.pop(key, None)
-    _adapt_render_for_v2(values)
-    pairs: list[tuple[str, str]] = []
-    for key, value in values.items():
-        if key == "rescale":
-            pairs += [(key, ",".join(str(v) for v in r)) for r in value]
-        elif isinstance(value, list):
-            pairs += [(key, str(v)) for v in value]
-        elif isinstance(value, dict):
-            pairs.append((key, json.dumps(value)))
-        else:
-            pairs.append((key, str(value)))
-    return urlencode(pairs)
-
-
-def _renders(pool: Any, collection: str | None, search: str | None) -> dict[str, dict]:
-    with pool.connection() as conn:
-        if collection is not None:
-            row = conn.execute(
-                "SELECT content->'renders' FROM pgstac.collections WHERE id = %s", (collection,)
-            ).fetchone()
-        else:
-            row = conn.execute(
-                "SELECT metadata->'defaults' FROM pgstac.searches WHERE hash = %s", (search,)
-            ).fetchone()
-    return (row[0] if row and isinstance(row[0], dict) else None) or {}
-
-
 def auth_router() -> APIRouter:
     """The /auth routes: who am I, mint, QGIS layer URLs, revoke."""
     router = APIRouter(prefix="/auth", tags=["Access"])
@@ -645,10 +612,10 @@ def auth_router() -> APIRouter:
         collection: Annotated[str | None, Query(description="Collection id.")] = None,
         search: Annotated[str | None, Query(description="Registered search id.")] = None,
         tms: Annotated[str, Query(description="TileMatrixSet of the XYZ URL.")] = "WebMercatorQuad",
-        render: Annotated[
+        preset: Annotated[
             str | None,
             Query(
-                description="Name of a STAC render (preset) of the collection or search; default: the first."
+                description="Band preset of the collection or search (see its `/presets`); default: the first."
             ),
         ] = None,
         ttl: Annotated[int | None, Query(gt=0, description="Token lifetime, seconds.")] = None,
@@ -658,22 +625,24 @@ def auth_router() -> APIRouter:
             raise HTTPException(400, "Give exactly one of `collection` or `search`")
         if tms not in supported_tms.list():
             raise HTTPException(400, f"Unknown TileMatrixSet {tms!r}")
-        renders = _renders(request.app.state.dbpool, collection, search)
-        if render is not None and render not in renders:
-            raise HTTPException(400, f"Unknown render {render!r}; available: {sorted(renders)}")
+        available = presets_for(
+            request.app.state.dbpool, collection_id=collection, search_id=search
+        ).available
+        if preset is not None and preset not in available:
+            raise HTTPException(400, f"Unknown preset {preset!r}; available: {', '.join(available)}")
         req = TokenRequest(
             collections=[collection] if collection else None, search=search, max_zoom=max_zoom, ttl=ttl
         )
         minted = mint_for(request, req)
-        name = render or next(iter(renders), None)
-        qs = f"?{render_query(renders[name])}" if name else ""
+        name = preset or next(iter(available), None)
+        qs = f"?{urlencode({'preset': name})}" if name else ""
         base = (
             f"{minted.url_prefix}/collections/{quote(collection, safe='')}"
             if collection
             else f"{minted.url_prefix}/searches/{search}"
         )
         return {
-            "render": name,
+            "preset": name,
             "xyz": f"{base}/tiles/{tms}/{{z}}/{{x}}/{{y}}.png{qs}",
             "wmts": f"{base}/WMTSCapabilities.xml",
             "tilejson": f"{base}/{tms}/tilejson.json{qs}",

@@ -3,25 +3,45 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from typing import Annotated
+from dataclasses import dataclass, field, replace
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
+import numpy as np
 import pystac
 from cachetools import TTLCache
 from fastapi import Depends, Path, Query
+from pydantic import AfterValidator
 from rasterio.crs import CRS
+from rio_tiler.colormap import cmap as default_cmap
 from rio_tiler.errors import MissingAssets
 from starlette.requests import Request
-from titiler.pgstac.dependencies import ItemIdParams, get_stac_item
+from titiler.core.dependencies import AssetsExprParams, ImageRenderingParams, _parse_asset
+from titiler.core.dependencies import ColorMapParams as TitilerColorMapParams
+from titiler.pgstac.dependencies import ItemIdParams, PgSTACParams, get_stac_item
+from titiler.pgstac.errors import MosaicNotFoundError
 from titiler.pgstac.reader import PgSTACReader
 
 from tiler.errors import AssetNotFound, DatasetURLNotAllowed, InvalidDatasetURL
+from tiler.presets import (
+    PansharpenSpec,
+    Preset,
+    Resolved,
+    applicable,
+    band_layout,
+    builtin,
+    common_name,
+    merged,
+)
+from tiler.presets import get as get_preset
 from tiler.settings import CogSettings, GdalSettings
+from tiler.stats import stretch_range
 
 ALLOWED_SCHEMES = ("http", "https", "s3")
 MAX_URL_LENGTH = 2048
@@ -228,3 +248,293 @@ def AssetIdParams(  # noqa: N802 - titiler naming
             f"Item '{item_id}' has no asset '{asset_id}' (has: {', '.join(sorted(item.assets))})"
         )
     return asset.get_absolute_href() or asset.href
+
+
+# --------------------------------------------------------------------------- presets
+
+
+#: Fields of the items a mosaic reads: titiler-pgstac's, plus what pansharpening needs.
+class _Fields(dict):
+    """A JSON object that is also hashable (titiler-pgstac caches ``get_assets`` by its kwargs)."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(json.dumps(self, sort_keys=True))
+
+
+MOSAIC_ITEM_FIELDS = _Fields(include=["assets", "id", "bbox", "collection", "properties.platform"])
+
+
+@dataclass
+class MosaicAssetsParams(PgSTACParams):
+    """titiler-pgstac's item lookup options; items also carry ``properties.platform``."""
+
+    fields: dict = field(init=False, default_factory=lambda: MOSAIC_ITEM_FIELDS)
+
+
+STRETCH_SAMPLE = 200
+_lookups: TTLCache = TTLCache(maxsize=1024, ttl=60)
+_lookups_lock = threading.Lock()
+
+
+def _cached(key: tuple, compute: Callable[[], Any]) -> Any:
+    with _lookups_lock:
+        if key in _lookups:
+            return _lookups[key]
+    value = compute()
+    with _lookups_lock:
+        _lookups[key] = value
+    return value
+
+
+def collection_document(pool: Any, collection_id: str) -> dict | None:
+    """The pgstac collection (cached 60 s)."""
+
+    def fetch() -> dict | None:
+        with pool.connection() as conn:
+            row = conn.execute("SELECT pgstac.get_collection(%s)", (collection_id,)).fetchone()
+        return row[0] if row else None
+
+    return _cached(("collection", collection_id), fetch)
+
+
+def search_collection_ids(pool: Any, search_id: str) -> tuple[str, ...]:
+    """Collections a registered search reads (all collections when it names none)."""
+
+    def fetch() -> tuple[str, ...]:
+        with pool.connection() as conn:
+            row = conn.execute("SELECT search FROM pgstac.searches WHERE hash = %s", (search_id,)).fetchone()
+            if row is None:
+                raise MosaicNotFoundError(f"SearchId `{search_id}` not found")
+            cols = row[0].get("collections") if isinstance(row[0], dict) else None
+            if not cols:
+                cols = [r[0] for r in conn.execute("SELECT id FROM pgstac.collections ORDER BY id")]
+        return tuple(cols)
+
+    return _cached(("search", search_id), fetch)
+
+
+def collection_stretch(pool: Any, collections: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """One 2-98 % stretch per band common name for a mosaic of ``collections``.
+
+    The median, over the newest `STRETCH_SAMPLE` items, of the ``percentile_2`` and
+    ``percentile_98`` that ``tiler ingest`` stored in each item's ``raster:bands``: every tile
+    of the mosaic gets the same contrast, whichever scenes it shows. Cached 60 s.
+    """
+
+    def fetch() -> dict[str, tuple[float, float]]:
+        query = {"collections": list(collections), "limit": STRETCH_SAMPLE, "fields": {"include": ["assets"]}}
+        with pool.connection() as conn:
+            row = conn.execute("SELECT pgstac.search(%s::jsonb)", (json.dumps(query),)).fetchone()
+        items = (row[0] or {}).get("features", []) if row else []
+        return stretch_by_band([it.get("assets") or {} for it in items])
+
+    return _cached(("stretch", tuple(collections)), fetch)
+
+
+def stretch_by_band(assets_of_items: Sequence[dict[str, dict]]) -> dict[str, tuple[float, float]]:
+    """Per band common name, the median of the items' stored ``percentile_2`` and ``percentile_98``."""
+    lows: dict[str, list[float]] = {}
+    highs: dict[str, list[float]] = {}
+    for assets in assets_of_items:
+        for asset in assets.values():
+            bands = asset.get("eo:bands") or asset.get("bands") or []
+            stretch = stretch_range(asset.get("raster:bands")) or []
+            for band, (lo, hi) in zip(bands, stretch, strict=False):
+                if name := common_name(band):
+                    lows.setdefault(name, []).append(lo)
+                    highs.setdefault(name, []).append(hi)
+    return {n: (float(np.median(lows[n])), float(np.median(highs[n]))) for n in lows}
+
+
+@dataclass(frozen=True)
+class PresetContext:
+    """The presets of the data a request reads, and what resolving them needs."""
+
+    presets: dict[str, Preset]
+    layout: dict[str, str]
+    asset_keys: tuple[str, ...]
+    collections: tuple[str, ...]
+    mosaic: bool
+    #: an item's own 2-98 % stretch by band common name (mosaics: looked up when needed)
+    stretch: dict[str, tuple[float, float]] | None = None
+
+    @property
+    def available(self) -> dict[str, Preset]:
+        """Presets whose bands exist here, in catalogue order (the first is the default)."""
+        return applicable(self.presets, self.layout, self.asset_keys)
+
+
+def preset_context(request: Request) -> PresetContext:
+    """Presets of the item, collection or search in the request path (pgstac lookups cached)."""
+    params = request.path_params
+    return presets_for(
+        request.app.state.dbpool,
+        collection_id=params.get("collection_id"),
+        item=getattr(request.state, "stac_item", None),
+        item_id=params.get("item_id"),
+        search_id=params.get("search_id"),
+    )
+
+
+def presets_for(
+    pool: Any,
+    collection_id: str | None = None,
+    item_id: str | None = None,
+    search_id: str | None = None,
+    item: pystac.Item | None = None,
+) -> PresetContext:
+    """Presets of an item, a collection mosaic or a search mosaic (pgstac lookups cached)."""
+    if item_id is not None and collection_id is not None:
+        item = (
+            item if item is not None and item.id == item_id else get_stac_item(pool, collection_id, item_id)
+        )
+        coll = collection_document(pool, collection_id) or {}
+        assets = {k: a.to_dict() for k, a in item.assets.items()}
+        return PresetContext(
+            presets=merged(coll.get("renders"), item.properties.get("renders")),
+            layout=band_layout(assets),
+            asset_keys=tuple(assets),
+            collections=(collection_id,),
+            mosaic=False,
+            stretch=stretch_by_band([assets]),
+        )
+    if search_id is not None:
+        collections = search_collection_ids(pool, search_id)
+    elif collection_id is not None:
+        collections = (collection_id,)
+    else:
+        return PresetContext(dict(builtin()), {}, (), (), mosaic=False)
+    docs = [d for c in collections if (d := collection_document(pool, c))]
+    if search_id is None and not docs:
+        raise MosaicNotFoundError(f"CollectionId `{collection_id}` not found")
+    layout: dict[str, str] = {}
+    keys: list[str] = []
+    renders: dict[str, Any] = {}
+    for doc in reversed(docs):  # the first collection wins
+        item_assets = doc.get("item_assets") or {}
+        layout.update(band_layout(item_assets))
+        keys += [k for k in item_assets if k not in keys]
+        renders.update(doc.get("renders") or {})
+    return PresetContext(merged(renders), layout, tuple(keys), tuple(collections), mosaic=True)
+
+
+def resolve_preset(request: Request, name: str | None) -> Resolved | None:
+    """``name`` (or the default preset) resolved for the data of this request; None if none applies."""
+    ctx = preset_context(request)
+    if name is None:
+        available = ctx.available
+        if not available:
+            return None
+        preset = next(iter(available.values()))
+    else:
+        preset = get_preset(ctx.presets, name)
+    resolved = preset.resolve(ctx.layout)
+    if resolved.rescale is None and resolved.output_bands:
+        # a preset is a picture: 8-bit, with the item's stretch, or one stretch for a mosaic
+        stretch = (
+            ctx.stretch if not ctx.mosaic else collection_stretch(request.app.state.dbpool, ctx.collections)
+        )
+        if stretch and all(b in stretch for b in resolved.output_bands):
+            resolved = replace(resolved, rescale=tuple(stretch[b] for b in resolved.output_bands))
+    return resolved
+
+
+_EXPLICIT_LAYER = {"assets", "expression"}
+
+
+def PresetParams(  # noqa: N802 - titiler naming
+    request: Request,
+    preset: Annotated[
+        str | None,
+        Query(
+            description=(
+                "Band preset (see `/presets` of the collection or item): natural, false-color, ndvi, "
+                "panchromatic, pansharpened, or a STAC render of the collection. Explicit parameters "
+                "(`assets`, `expression`, `rescale`, `colormap_name`...) override the preset's. "
+                "Default: the first preset the data has (natural colour)."
+            ),
+            openapi_examples={"natural": {"value": "natural"}, "ndvi": {"value": "ndvi"}},
+        ),
+    ] = None,
+) -> Resolved | None:
+    """The preset of this request, resolved (None when ``assets``/``expression`` say it all)."""
+    if preset is None and _EXPLICIT_LAYER & request.query_params.keys():
+        return None
+    return resolve_preset(request, preset)
+
+
+@dataclass
+class LayerParams(AssetsExprParams):
+    """``assets``/``expression`` (titiler's), filled from the preset when neither is given."""
+
+    assets: Annotated[  # type: ignore[assignment]
+        list[str] | None,
+        AfterValidator(lambda v: _parse_asset(v) if v else v),
+        Query(
+            title="Asset names",
+            description="Assets to read, e.g. `ms|bands=nir,red,green` or `ms|bidx=4,3,2`. Default: the preset's.",
+        ),
+    ] = None
+    # the same `preset` query parameter as `PresetParams` (documented there): titiler's WMTS
+    # extension checks a layer's query string against this class alone, without sub-dependencies
+    preset: Annotated[str | None, Query(include_in_schema=False)] = None
+    preset_values: Annotated[Resolved | None, Depends(PresetParams)] = None
+    pansharpen: PansharpenSpec | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        """Take the preset's bands unless ``assets`` or ``expression`` were given.
+
+        With neither and no preset (none applies to the data, or titiler's WMTS extension
+        checking a layer with no query parameters), there is nothing to read: 400.
+        """
+        p = self.preset_values
+        if p is None and not (self.assets or self.expression or self.preset):
+            raise MissingAssets("Give `preset`, `assets` or `expression` (no preset applies to this data)")
+        if p is not None and not self.assets and not self.expression:
+            self.assets = _parse_asset(list(p.assets)) if p.assets else []
+            self.expression = p.expression
+            self.pansharpen = p.pansharpen
+
+    def as_dict(self, exclude_none: bool = True) -> dict:
+        """Reader options (without the preset itself)."""
+        out = super().as_dict(exclude_none)
+        out.pop("preset_values", None)
+        out.pop("preset", None)
+        return out
+
+
+@dataclass
+class RenderParams(ImageRenderingParams):
+    """titiler's rendering options; ``rescale`` and ``color_formula`` default to the preset's."""
+
+    preset_values: Annotated[Resolved | None, Depends(PresetParams)] = None
+
+    def __post_init__(self) -> None:
+        """Parse, then take the preset's values where the request gave none."""
+        super().__post_init__()
+        p = self.preset_values
+        if p is not None:
+            if not self.rescale and p.rescale:
+                self.rescale = [tuple(r) for r in p.rescale]  # type: ignore[assignment]
+            if not self.color_formula and p.color_formula:
+                self.color_formula = p.color_formula
+
+    def as_dict(self, exclude_none: bool = True) -> dict:
+        """Render options (without the preset itself)."""
+        out = super().as_dict(exclude_none)
+        out.pop("preset_values", None)
+        return out
+
+
+def ColorMapParams(  # noqa: N802 - titiler naming
+    preset_values: Annotated[Resolved | None, Depends(PresetParams)],
+    colormap: Annotated[Any, Depends(TitilerColorMapParams)],
+) -> Any:
+    """Titiler's ``colormap_name``/``colormap``, else the preset's colormap."""
+    if colormap is not None or preset_values is None:
+        return colormap
+    if preset_values.colormap_name:
+        return default_cmap.get(preset_values.colormap_name)
+    if preset_values.colormap:
+        return TitilerColorMapParams(colormap_name=None, colormap=preset_values.colormap)
+    return None

@@ -35,6 +35,14 @@ class InvalidPansharpenParameters(TilerError):
     """Pansharpening weights, shapes or options that cannot be used."""
 
 
+class InvalidPreset(TilerError):
+    """A preset (built-in or STAC render) that cannot be used for this data or request."""
+
+
+class PresetNotFound(InvalidPreset):
+    """``preset=`` names no preset of this collection or item."""
+
+
 STATUS_CODES: dict[type[Exception], int] = {
     **DEFAULT_STATUS_CODES,
     **MOSAIC_STATUS_CODES,
@@ -43,6 +51,7 @@ STATUS_CODES: dict[type[Exception], int] = {
     InvalidDatasetURL: status.HTTP_400_BAD_REQUEST,
     AssetNotFound: status.HTTP_404_NOT_FOUND,
     InvalidPansharpenParameters: status.HTTP_400_BAD_REQUEST,
+    InvalidPreset: status.HTTP_400_BAD_REQUEST,
 }
 
 _URL = re.compile(r"(?:https?|s3|gs|az)://[^\s'\"]+|/vsi\w+/[^\s'\"]+", re.IGNORECASE)

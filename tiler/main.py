@@ -33,7 +33,6 @@ from titiler.core.models.OGC import Conformance, Landing
 from titiler.core.resources.enums import MediaType
 from titiler.core.utils import accept_media_type, create_html_response, update_openapi
 from titiler.extensions import stacRenderExtension, wmtsExtension
-from titiler.extensions.render import _adapt_render_for_v2
 from titiler.mosaic.extensions.wmts import wmtsExtension as mosaicWmtsExtension
 from titiler.pgstac import __version__ as titiler_pgstac_version
 from titiler.pgstac.dependencies import CollectionIdParams, SearchIdParams
@@ -50,13 +49,20 @@ from tiler.cache import CachePolicyMiddleware
 from tiler.db import database_ok, open_pool, pgstac_version
 from tiler.dependencies import (
     AssetIdParams,
+    ColorMapParams,
     ItemParams,
+    LayerParams,
+    MosaicAssetsParams,
+    PresetContext,
+    RenderParams,
     cog_url_dependency,
     gdal_env_dependency,
     native_extent,
+    presets_for,
 )
 from tiler.errors import register_error_handlers
 from tiler.reader import ItemReader, MosaicItemReader
+from tiler.routes import presets_router
 from tiler.settings import Settings
 from tiler.tms import bbox_in_tms, supported_tms
 from tiler.upstream import (
@@ -99,20 +105,20 @@ def _templates() -> Jinja2Templates:
     return Jinja2Templates(env=env)
 
 
-def _renders_from_metadata(src: Any) -> dict:
-    """Renders stored with a registered search (collection `renders`)."""
-    renders = src.info().metadata.defaults_params or {}
-    for render in renders.values():
-        _adapt_render_for_v2(render)
-    return renders
+def _preset_layers(ctx: PresetContext) -> dict[str, dict[str, Any]]:
+    """One WMTS layer per preset the data has: ``?preset=<name>``, zooms from ``minmax_zoom``."""
+    layers: dict[str, dict[str, Any]] = {}
+    for name, preset in ctx.available.items():
+        values: dict[str, Any] = {"preset": name}
+        if preset.minmax_zoom:
+            values["tilematrixsets"] = {"*": preset.minmax_zoom}
+        layers[name] = values
+    return layers
 
 
-def _renders_from_item(src: Any) -> dict:
-    """Renders declared in an item's properties."""
-    renders = dict(src.item.properties.get("renders", {}))
-    for render in renders.values():
-        _adapt_render_for_v2(render)
-    return renders
+def _renders_from_search(src: Any) -> dict:
+    """WMTS layers of a mosaic (``src``: titiler-pgstac's backend): its collections' presets."""
+    return _preset_layers(presets_for(src.pool, search_id=src.input))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
@@ -158,6 +164,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         lifespan=lifespan,
         dependencies=[Depends(authorize)],
     )
+
+    def renders_from_item(src: Any) -> dict:
+        """WMTS layers of an item (``src``: `ItemReader`): its presets."""
+        item = src.item
+        return _preset_layers(
+            presets_for(app.state.dbpool, collection_id=item.collection_id, item_id=item.id, item=item)
+        )
+
     app.state.auth = Authenticator(settings.auth, lambda: app.state.dbpool) if settings.auth.enabled else None
     update_openapi(app)
     register_error_handlers(app)
@@ -205,7 +219,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
             add_statistics=True,
             add_viewer=True,
             add_part=True,
-            get_renders=_renders_from_metadata,
+            get_renders=_renders_from_search,
+            layer_dependency=LayerParams,
+            render_dependency=RenderParams,
+            colormap_dependency=ColorMapParams,
+            assets_accessor_dependency=MosaicAssetsParams,
             environment_dependency=env_dep,
             supported_tms=supported_tms,
             extensions=[searchInfoExtension(), mosaicWmtsExtension(templates=templates)],
@@ -245,10 +263,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         path_dependency=ItemParams,
         router_prefix="/collections/{collection_id}/items/{item_id}",
         add_viewer=True,
-        get_renders=_renders_from_item,
+        get_renders=renders_from_item,
+        layer_dependency=LayerParams,
+        render_dependency=RenderParams,
+        colormap_dependency=ColorMapParams,
         environment_dependency=env_dep,
         supported_tms=supported_tms,
-        extensions=[wmtsExtension(templates=templates), stacRenderExtension()],
+        extensions=[
+            wmtsExtension(templates=templates, layer_identifier_provider=lambda item: item.id),
+            stacRenderExtension(),
+        ],
         templates=templates,
     )
     app.include_router(
@@ -290,6 +314,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         conforms_to |= cog.conforms_to
 
     app.include_router(auth_router())
+    app.include_router(presets_router())
 
     for factory in (
         TMSFactory(supported_tms=supported_tms, templates=templates),

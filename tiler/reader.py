@@ -16,13 +16,25 @@ that is upstream (see tests/test_stats.py), not fixed here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import attr
+import numpy as np
 from rio_tiler.io import Reader
+from rio_tiler.models import ImageData, PointData
 from rio_tiler.types import AssetInfo, AssetType
+from titiler.core.dependencies import _parse_asset
 from titiler.pgstac.reader import PgSTACReader, SimpleSTACReader
 
+from tiler.errors import InvalidPansharpenParameters
+from tiler.pansharpen import brovey
+from tiler.presets import PansharpenSpec
 from tiler.stats import stretch_range
 from tiler.upstream import SigningReader
+
+#: Resampling of the MS bands when they are brought to the pan grid (unless the request says).
+MS_UPSAMPLING = "bilinear"
 
 
 def _with_stretch(info: AssetInfo, metadata: dict) -> AssetInfo:
@@ -34,11 +46,151 @@ def _with_stretch(info: AssetInfo, metadata: dict) -> AssetInfo:
     return info
 
 
+def _without_layer(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Read options without the layer's own (the pansharpening spec says what to read)."""
+    return {k: v for k, v in kwargs.items() if k not in ("assets", "expression", "asset_as_band")}
+
+
+class PansharpenMixin:
+    """``pansharpen=PansharpenSpec`` on tile/part/preview/feature/point: weighted Brovey per item.
+
+    The MS bands are read on the grid of the output (the pan's grid for a preview, part or
+    feature; the tile's grid for a tile) with bilinear resampling unless the request names
+    one, the pan band on the same grid, and `tiler.pansharpen.brovey` fuses them with the
+    weights of the item's ``platform``. The output keeps the MS dtype and the MS 2-98 %
+    stretch of its bands, so a pansharpened tile has the contrast of the plain one.
+    """
+
+    def _platform(self) -> str | None:
+        raise NotImplementedError
+
+    def _weights(self, spec: PansharpenSpec) -> tuple[float, ...]:
+        platform = self._platform()
+        weights = spec.weights_for(platform)
+        if weights is None:
+            raise InvalidPansharpenParameters(
+                f"No pansharpening weights for platform {platform!r} in this preset; "
+                "give them in the collection's render (`pansharpen.weights`)."
+            )
+        return weights
+
+    def _fuse(self, spec: PansharpenSpec, ms: ImageData, pan: ImageData) -> ImageData:
+        n = len(spec.ms_bands)
+        if ms.count != n or pan.count != 1:
+            raise InvalidPansharpenParameters(
+                f"expected {n} MS bands and 1 pan band, read {ms.count} and {pan.count}"
+            )
+        fused = brovey(ms.array, pan.array, self._weights(spec), dtype=ms.array.dtype)
+        out = fused[list(spec.output)]
+        stats = [ms.dataset_statistics[i] for i in spec.output] if ms.dataset_statistics else None
+        return ImageData(
+            out,
+            assets=[*(ms.assets or []), *(pan.assets or [])],
+            bounds=ms.bounds,
+            crs=ms.crs,
+            band_descriptions=[spec.ms_bands[i] for i in spec.output],
+            dataset_statistics=stats,
+            metadata={**(ms.metadata or {}), **(pan.metadata or {})},
+        )
+
+    @staticmethod
+    def _ms_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **_without_layer(kwargs),
+            "resampling_method": kwargs.get("resampling_method") or MS_UPSAMPLING,
+            "reproject_method": kwargs.get("reproject_method") or MS_UPSAMPLING,
+        }
+
+    def _same_grid(self, spec: PansharpenSpec, read: Callable[..., ImageData], kwargs: dict) -> ImageData:
+        """Tile: one call reads MS and pan in parallel (same output grid by construction)."""
+        img = read(assets=_parse_asset([*spec.ms, spec.pan]), **self._ms_options(kwargs))
+        n = len(spec.ms_bands)
+        stats = img.dataset_statistics
+        ms = ImageData(
+            img.array[:n],
+            bounds=img.bounds,
+            crs=img.crs,
+            assets=img.assets,
+            dataset_statistics=stats[:n] if stats else None,
+            metadata=img.metadata,
+        )
+        pan = ImageData(img.array[n:], bounds=img.bounds, crs=img.crs)
+        return self._fuse(spec, ms, pan)
+
+    def _pan_grid(self, spec: PansharpenSpec, read: Callable[..., ImageData], kwargs: dict) -> ImageData:
+        """Preview/part/feature: the pan sets the output size; the MS is read onto it."""
+        pan = read(assets=_parse_asset([spec.pan]), **_without_layer(kwargs))
+        ms_kwargs = {**self._ms_options(kwargs), "max_size": None, "width": pan.width, "height": pan.height}
+        ms = read(assets=_parse_asset(list(spec.ms)), **ms_kwargs)
+        return self._fuse(spec, ms, pan)
+
+    def tile(
+        self, tile_x: int, tile_y: int, tile_z: int, pansharpen: PansharpenSpec | None = None, **kwargs: Any
+    ) -> ImageData:
+        """Read a tile; pansharpened when ``pansharpen`` is given."""
+        if pansharpen is None:
+            return super().tile(tile_x, tile_y, tile_z, **kwargs)  # type: ignore[misc]
+        parent = super()
+        return self._same_grid(pansharpen, lambda **kw: parent.tile(tile_x, tile_y, tile_z, **kw), kwargs)  # type: ignore[misc]
+
+    def part(self, bbox: Any, pansharpen: PansharpenSpec | None = None, **kwargs: Any) -> ImageData:
+        """Read a bbox; pansharpened when ``pansharpen`` is given."""
+        if pansharpen is None:
+            return super().part(bbox, **kwargs)  # type: ignore[misc]
+        parent = super()
+        return self._pan_grid(pansharpen, lambda **kw: parent.part(bbox, **kw), kwargs)  # type: ignore[misc]
+
+    def feature(self, shape: dict, pansharpen: PansharpenSpec | None = None, **kwargs: Any) -> ImageData:
+        """Read a GeoJSON feature's window; pansharpened when ``pansharpen`` is given."""
+        if pansharpen is None:
+            return super().feature(shape, **kwargs)  # type: ignore[misc]
+        parent = super()
+        return self._pan_grid(pansharpen, lambda **kw: parent.feature(shape, **kw), kwargs)  # type: ignore[misc]
+
+    def preview(self, pansharpen: PansharpenSpec | None = None, **kwargs: Any) -> ImageData:
+        """Read a preview; pansharpened when ``pansharpen`` is given."""
+        if pansharpen is None:
+            return super().preview(**kwargs)  # type: ignore[misc]
+        parent = super()
+        return self._pan_grid(pansharpen, lambda **kw: parent.preview(**kw), kwargs)  # type: ignore[misc]
+
+    def point(
+        self, lon: float, lat: float, pansharpen: PansharpenSpec | None = None, **kwargs: Any
+    ) -> PointData:
+        """Read a pixel; pansharpened when ``pansharpen`` is given (MS and pan at that point)."""
+        if pansharpen is None:
+            return super().point(lon, lat, **kwargs)  # type: ignore[misc]
+        data = super().point(
+            lon, lat, assets=_parse_asset([*pansharpen.ms, pansharpen.pan]), **_without_layer(kwargs)
+        )  # type: ignore[misc]
+        n = len(pansharpen.ms_bands)
+        arr = data.array.reshape(-1, 1, 1)
+        fused = brovey(arr[:n], arr[n:], self._weights(pansharpen), dtype=arr.dtype)
+        out = fused[list(pansharpen.output)].reshape(-1)
+        names = [pansharpen.ms_bands[i] for i in pansharpen.output]
+        return PointData(
+            np.ma.MaskedArray(out.data, mask=np.ma.getmaskarray(out)),
+            band_names=[f"b{i}" for i in range(1, len(names) + 1)],
+            band_descriptions=names,
+            coordinates=data.coordinates,
+            crs=data.crs,
+            assets=data.assets,
+            metadata=data.metadata,
+            nodata=data.nodata,
+            scales=[1.0] * len(names),
+            offsets=[0.0] * len(names),
+            pixel_location=data.pixel_location,
+        )
+
+
 @attr.s
-class ItemReader(PgSTACReader):
+class ItemReader(PansharpenMixin, PgSTACReader):
     """Reader of one pgstac item (item and asset endpoints); assets opened by `SigningReader`."""
 
     reader: type[Reader] = attr.ib(default=SigningReader)
+
+    def _platform(self) -> str | None:
+        return self.item.properties.get("platform")
 
     def _get_asset_info(self, asset: AssetType) -> AssetInfo:
         info = super()._get_asset_info(asset)
@@ -46,10 +198,16 @@ class ItemReader(PgSTACReader):
 
 
 @attr.s
-class MosaicItemReader(SimpleSTACReader):
-    """Reader of the items of a mosaic (collections and registered searches); assets opened by `SigningReader`."""
+class MosaicItemReader(PansharpenMixin, SimpleSTACReader):
+    """Reader of the items of a mosaic (collections and registered searches); assets opened by `SigningReader`.
+
+    Its items come from the mosaic's pgstac search with the fields of `MOSAIC_ITEM_FIELDS`.
+    """
 
     reader: type[Reader] = attr.ib(default=SigningReader)
+
+    def _platform(self) -> str | None:
+        return (self.input.get("properties") or {}).get("platform")
 
     def _get_asset_info(self, asset: AssetType) -> AssetInfo:
         info = super()._get_asset_info(asset)

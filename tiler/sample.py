@@ -334,12 +334,16 @@ def collection_doc(items: list[dict], collection: str = COLLECTION_ID) -> dict:
             for k, a in (("ms", ms), ("pan", pan))
         },
         "renders": {
-            "natural": {
-                "title": "Natural colour (red, green, blue)",
-                "assets": ["ms"],
-                "asset_bidx": "ms|3,2,1",
-                "rescale": [[200, 1800]],
-                "minmax_zoom": [11, 19],
+            # This synthetic sensor's pan is PAN_WEIGHTS . truth: its own pansharpening weights
+            # replace the built-in SPOT 6/7 estimates (a provider would do the same for a sensor
+            # whose response it knows).
+            "pansharpened": {
+                "title": "Pansharpened natural colour (1.5 m)",
+                "bands": ["red", "green", "blue"],
+                "pansharpen": {
+                    "pan": "pan",
+                    "weights": {"*": dict(zip([b[1] for b in MS_BANDS], PAN_WEIGHTS, strict=True))},
+                },
             },
         },
         "summaries": {
