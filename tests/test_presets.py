@@ -494,3 +494,25 @@ def test_preset_without_its_band_is_a_400(client, sample, dsn, tmp_path):
         f"/collections/spot67-ms-only/items/{sample.item(0)['id']}/preview.png", params={"preset": "panchromatic"}
     )
     assert r.status_code == 400 and "pan" in r.json()["detail"]
+
+
+def test_gdal_wmts_driver_lists_one_layer_per_preset_and_grid(live_server, sample):
+    """GDAL's WMTS driver (a real client) over HTTP: the layers it sees, and imagery in one."""
+    caps = f"{live_server}{item_url(sample, 0)}/WMTSCapabilities.xml"
+    with rasterio.Env(GDAL_HTTP_TIMEOUT=20, GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+        with rasterio.open(f"WMTS:{caps}") as ds:
+            layers = {re.search(r"layer=([^,]+)", sd).group(1) for sd in ds.subdatasets}
+        item_id = sample.item(0)["id"]
+        assert layers == {f"{item_id}_{g}_{p}" for g in supported_tms.list() for p in PRESETS}
+        with rasterio.open(f"WMTS:{caps},layer={item_id}_LAMB93_false-color") as ds:
+            assert ds.crs.to_epsg() == 2154 and ds.count == 4  # RGBA
+            w, s_, e, n = sample.item(0)["bbox"]
+            lx, ly = Transformer.from_crs("EPSG:4326", "EPSG:2154", always_xy=True).transform(
+                [w, e], [s_, n]
+            )
+            window = ds.window(min(lx), min(ly), max(lx), max(ly))
+            img = ds.read(window=window, out_shape=(4, 256, 256))
+    valid = img[3] > 0
+    assert valid.mean() > 0.4
+    # false colour: fields of crops (high NIR) are red, so the red channel carries the contrast
+    assert img[0][valid].std() > 20

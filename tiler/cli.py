@@ -202,7 +202,6 @@ def demo(port: int, data_dir: Path, pg_port: int, cog_port: int, scenes: int, si
         f"curl -s -X POST {root}/searches/register -H 'X-API-Key: {api_key}' -H 'Content-Type: application/json' "
         f"""-d '{json.dumps({"collections": [coll], "filter-lang": "cql2-json", "filter": {"op": "<=", "args": [{"property": "eo:cloud_cover"}, 20]}})}'"""
     )
-    true_colour = "assets=ms%7Cbidx%3D3%2C2%2C1&rescale=200%2C1800"
     click.echo(
         f"""
 dinamis-tiler demo is starting on {root}
@@ -211,11 +210,12 @@ The URLs below carry a signed URL token for the demo user (valid 7 days):
 paste them in a browser or QGIS as they are.
   landing page     {root}/
   API docs         {root}/api.html
-  collection viewer {base}/collections/{coll}/WebMercatorQuad/map.html?{true_colour}
-  item viewer      {base}/collections/{coll}/items/{item}/WebMercatorQuad/map.html?{true_colour}
-  XYZ template     {base}/collections/{coll}/tiles/WebMercatorQuad/{{z}}/{{x}}/{{y}}.png?{true_colour}
-  WMTS             {base}/collections/{coll}/WMTSCapabilities.xml?{true_colour}
-  item preview     {base}/collections/{coll}/items/{item}/preview.png?{true_colour}&max_size=512
+  collection viewer {base}/collections/{coll}/WebMercatorQuad/map.html?preset=natural
+  item viewer      {base}/collections/{coll}/items/{item}/WebMercatorQuad/map.html?preset=pansharpened
+  XYZ template     {base}/collections/{coll}/tiles/WebMercatorQuad/{{z}}/{{x}}/{{y}}.png?preset=natural
+  WMTS (a layer per preset and grid) {base}/collections/{coll}/WMTSCapabilities.xml
+  item preview     {base}/collections/{coll}/items/{item}/preview.png?preset=false-color&max_size=512
+  presets          {base}/collections/{coll}/presets   (natural, false-color, ndvi, panchromatic, pansharpened)
   demo API key     {api_key}
   QGIS layer URLs  curl -s -H 'X-API-Key: {api_key}' '{root}/auth/qgis?collection={coll}'
   register a search mosaic:
