@@ -215,3 +215,30 @@ def test_register_bad_body_is_422(client):
     assert r.status_code == 422
     r = client.post("/searches/register", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422
+
+
+@pytest.mark.parametrize("tms", ["WebMercatorQuad", "LAMB93"])
+def test_mosaic_tilejson_zooms_come_from_the_data(client, sample, tms):
+    """Not 0-24 over the world: the newest item's range, computed here from its pan grid."""
+    import math
+
+    from pyproj import Transformer
+
+    from tiler.tms import supported_tms
+
+    tj = client.get(f"/collections/{C}/{tms}/tilejson.json").json()
+    grid = supported_tms.get(tms)
+    newest = max(sample.items, key=lambda it: it["properties"]["datetime"])
+    pan = newest["assets"]["pan"]
+    x0, y0 = pan["proj:transform"][2], pan["proj:transform"][5]
+    size = pan["proj:shape"][0] * pan["proj:transform"][0]
+    tr = Transformer.from_crs(f"EPSG:{newest['properties']['proj:epsg']}", grid.crs.srs, always_xy=True)
+    xs, ys = tr.transform([x0, x0 + size], [y0, y0 - size])
+    res = abs(xs[1] - xs[0]) / pan["proj:shape"][0]  # pan resolution in the grid's units
+    # the finest level whose cells are not smaller than the pan pixels... within one level
+    finest = min(range(len(grid.tileMatrices)), key=lambda z: abs(math.log2(grid.matrix(z).cellSize / res)))
+    assert abs(tj["maxzoom"] - finest) <= 1 and tj["maxzoom"] >= 14
+    assert 8 <= tj["minzoom"] < tj["maxzoom"]
+    # explicit values still win
+    tj = client.get(f"/collections/{C}/{tms}/tilejson.json", params={"minzoom": 3, "maxzoom": 20}).json()
+    assert (tj["minzoom"], tj["maxzoom"]) == (3, 20)

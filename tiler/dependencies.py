@@ -538,3 +538,35 @@ def ColorMapParams(  # noqa: N802 - titiler naming
     if preset_values.colormap:
         return TitilerColorMapParams(colormap_name=None, colormap=preset_values.colormap)
     return None
+
+
+def data_zooms(pool: Any, search_id: str, tms: Any) -> tuple[int, int] | None:
+    """Zoom range of a mosaic in ``tms``, from its newest item (rio-tiler's rule for one item).
+
+    maxzoom: the zoom whose resolution matches the item's finest asset (the pan band);
+    minzoom: the zoom where the item's coarsest overview fits one tile. Needs the
+    projection extension on the item; None without it. Cached 60 s.
+    """
+
+    def fetch() -> tuple[int, int] | None:
+        collections = search_collection_ids(pool, search_id)
+        query = {
+            "collections": list(collections),
+            "limit": 1,
+            "sortby": [{"field": "datetime", "direction": "desc"}],
+        }
+        with pool.connection() as conn:
+            row = conn.execute("SELECT pgstac.search(%s::jsonb)", (json.dumps(query),)).fetchone()
+        features = (row[0] or {}).get("features", []) if row else []
+        if not features:
+            return None
+        item = pystac.Item.from_dict(features[0])
+        try:
+            with PgSTACReader(item, tms=tms) as src:
+                if src.crs is None or src.transform is None:
+                    return None
+                return int(src.minzoom), int(src.maxzoom)
+        except (MissingAssets, ValueError):
+            return None
+
+    return _cached(("zooms", search_id, tms.id), fetch)

@@ -61,7 +61,7 @@ from tiler.dependencies import (
     presets_for,
 )
 from tiler.errors import register_error_handlers
-from tiler.reader import ItemReader, MosaicItemReader
+from tiler.reader import ItemReader, MosaicBackend, MosaicItemReader
 from tiler.routes import presets_router
 from tiler.settings import Settings
 from tiler.tms import bbox_in_tms, supported_tms
@@ -215,6 +215,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         return MosaicTilerFactory(
             path_dependency=path_dependency,
             router_prefix=prefix,
+            backend=MosaicBackend,
             dataset_reader=MosaicItemReader,
             add_statistics=True,
             add_viewer=True,

@@ -25,8 +25,10 @@ from rio_tiler.io import Reader
 from rio_tiler.models import ImageData, PointData
 from rio_tiler.types import AssetInfo, AssetType
 from titiler.core.dependencies import _parse_asset
+from titiler.pgstac.backend import PGSTACBackend
 from titiler.pgstac.reader import PgSTACReader, SimpleSTACReader
 
+from tiler.dependencies import data_zooms
 from tiler.errors import InvalidPansharpenParameters
 from tiler.pansharpen import brovey
 from tiler.presets import PansharpenSpec
@@ -212,3 +214,34 @@ class MosaicItemReader(PansharpenMixin, SimpleSTACReader):
     def _get_asset_info(self, asset: AssetType) -> AssetInfo:
         info = super()._get_asset_info(asset)
         return _with_stretch(info, self.input["assets"][info["name"]])
+
+
+@attr.s
+class MosaicBackend(PGSTACBackend):
+    """titiler-pgstac's backend whose zoom range comes from the data, not the whole TMS.
+
+    A search registered with ``minzoom``/``maxzoom`` metadata keeps them; otherwise the
+    range is that of the mosaic's newest item (`tiler.dependencies.data_zooms`), so a TileJSON
+    client does not ask for zoom 0-24 over the world.
+    """
+
+    def _zooms(self) -> tuple[int, int] | None:
+        return data_zooms(self.pool, self.input, self.tms)
+
+    @property
+    def minzoom(self) -> int:  # type: ignore[override]
+        """Search metadata, else the data's minzoom, else the TMS's."""
+        meta = self.info().metadata
+        if meta.minzoom is not None:
+            return meta.minzoom
+        zooms = self._zooms()
+        return zooms[0] if zooms else self.tms.minzoom
+
+    @property
+    def maxzoom(self) -> int:  # type: ignore[override]
+        """Search metadata, else the data's maxzoom, else the TMS's."""
+        meta = self.info().metadata
+        if meta.maxzoom is not None:
+            return meta.maxzoom
+        zooms = self._zooms()
+        return zooms[1] if zooms else self.tms.maxzoom
