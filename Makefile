@@ -8,7 +8,8 @@ demo: setup
 	.venv/bin/tiler demo
 
 ## Run the whole test suite (real PostgreSQL, real HTTP range server)
-test: setup
+test:
+	bash scripts/setup.sh test
 	.venv/bin/python -m pytest -q -p no:cacheprovider
 
 lint: setup

@@ -211,6 +211,9 @@ def test_jwt_gives_collection_a_not_b(auth_client, sample, b_item, keys, key, ki
         f"/collections/{B}/tiles/WebMercatorQuad/{z}/{x}/{y}.png",
         f"/collections/{B}/WebMercatorQuad/tilejson.json",
         f"/collections/{B}/WMTSCapabilities.xml",
+        f"/collections/{B}/presets",
+        f"/collections/{B}/items/{b_item['id']}/presets",
+        f"/collections/{B}/tiles/WebMercatorQuad/{z}/{x}/{y}.png?preset=pansharpened",
     ):
         r = c.get(path, params=MS_RGB, headers=h)
         assert r.status_code == 403, path
@@ -545,3 +548,24 @@ def test_jwks_from_url(auth_files, keys):
             v.verify(make_jwt(keys, key="rogue", kid="rogue-1"))
     finally:
         server.shutdown()
+
+
+def test_catalogue_wmts_lists_only_what_the_caller_may_tile(auth_client, keys):
+    c = auth_client
+
+    def layer_collections(headers=None, path="/WMTSCapabilities.xml"):
+        r = c.get(path, params={"tilematrixsets": "LAMB93"}, headers=headers or {})
+        assert r.status_code == 200, r.text
+        ids = re.findall(r"<Layer>\s*<ows:Title>[^<]*</ows:Title>.*?<ows:Identifier>([^<]+)</ows:Identifier>", r.text, re.S)
+        return {i.rsplit("_LAMB93_", 1)[0] for i in ids}, r.text
+
+    assert layer_collections(bearer(make_jwt(keys)))[0] == {A}
+    assert layer_collections(bearer(make_jwt(keys, user="bob", groups=("team-b",))))[0] == {B}
+    # anonymous callers may only preview A here: no tiles, no layers, so sign in
+    assert c.get("/WMTSCapabilities.xml").status_code == 401
+    # with a URL token (how QGIS connects), every tile URL carries it
+    tok = c.post("/auth/token", json={"ttl": 600}, headers=bearer(make_jwt(keys))).json()["token"]
+    seen, xml = layer_collections(path=f"/t/{tok}/WMTSCapabilities.xml")
+    assert seen == {A}
+    templates = re.findall(r'template="([^"]+)"', xml)
+    assert templates and all(f"/t/{tok}/collections/" in t for t in templates)

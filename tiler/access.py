@@ -309,6 +309,8 @@ def classify(request: Request) -> Target:
         return Target("public")
     if template.startswith("/auth/"):
         return Target("auth")
+    if template == "/WMTSCapabilities.xml" and not params.keys() & {"collection_id", "search_id", "item_id"}:
+        return Target("catalogue")  # lists only what the caller may see (templates are router-relative)
     op = "metadata"
     if "z" in params and "tileMatrixSetId" in params and not template.endswith("/assets"):
         op = "tiles"
@@ -419,8 +421,8 @@ def authorize(request: Request) -> None:
     tok = principal.token
     if target.kind == "public":
         return
-    if target.kind == "auth":
-        return  # the /auth routes check for themselves
+    if target.kind in ("auth", "catalogue"):
+        return  # these routes check for themselves
     policy = auth.policy
     if tok is not None and tok.search is not None and target.search != tok.search:
         raise HTTPException(403, "This URL token is limited to one search")

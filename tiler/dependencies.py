@@ -541,7 +541,12 @@ def ColorMapParams(  # noqa: N802 - titiler naming
 
 
 def data_zooms(pool: Any, search_id: str, tms: Any) -> tuple[int, int] | None:
-    """Zoom range of a mosaic in ``tms``, from its newest item (rio-tiler's rule for one item).
+    """Zoom range of a search mosaic in ``tms`` (see `collection_zooms`)."""
+    return collection_zooms(pool, search_collection_ids(pool, search_id), tms)
+
+
+def collection_zooms(pool: Any, collections: Sequence[str], tms: Any) -> tuple[int, int] | None:
+    """Zoom range of a mosaic of ``collections`` in ``tms``, from its newest item (rio-tiler's rule).
 
     maxzoom: the zoom whose resolution matches the item's finest asset (the pan band);
     minzoom: the zoom where the item's coarsest overview fits one tile. Needs the
@@ -549,7 +554,6 @@ def data_zooms(pool: Any, search_id: str, tms: Any) -> tuple[int, int] | None:
     """
 
     def fetch() -> tuple[int, int] | None:
-        collections = search_collection_ids(pool, search_id)
         query = {
             "collections": list(collections),
             "limit": 1,
@@ -569,4 +573,4 @@ def data_zooms(pool: Any, search_id: str, tms: Any) -> tuple[int, int] | None:
         except (MissingAssets, ValueError):
             return None
 
-    return _cached(("zooms", search_id, tms.id), fetch)
+    return _cached(("zooms", tuple(collections), tms.id), fetch)

@@ -59,10 +59,11 @@ from tiler.dependencies import (
     gdal_env_dependency,
     native_extent,
     presets_for,
+    search_collection_ids,
 )
 from tiler.errors import register_error_handlers
 from tiler.reader import ItemReader, MosaicBackend, MosaicItemReader
-from tiler.routes import presets_router
+from tiler.routes import catalogue_router, presets_router
 from tiler.settings import Settings
 from tiler.tms import bbox_in_tms, supported_tms
 from tiler.upstream import (
@@ -211,7 +212,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         "http://www.opengis.net/spec/ogcapi-common-1/1.0/conf/json",
     }
 
-    def mosaic_factory(path_dependency, prefix: str) -> MosaicTilerFactory:
+    def collection_layer_id(search_id: str) -> str:
+        """WMTS layers of a collection mosaic are named after the collection, not its search hash."""
+        return "+".join(search_collection_ids(app.state.dbpool, search_id))
+
+    def mosaic_factory(
+        path_dependency, prefix: str, layer_id=lambda search_id: search_id
+    ) -> MosaicTilerFactory:
         return MosaicTilerFactory(
             path_dependency=path_dependency,
             router_prefix=prefix,
@@ -227,7 +234,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
             assets_accessor_dependency=MosaicAssetsParams,
             environment_dependency=env_dep,
             supported_tms=supported_tms,
-            extensions=[searchInfoExtension(), mosaicWmtsExtension(templates=templates)],
+            extensions=[
+                searchInfoExtension(),
+                mosaicWmtsExtension(templates=templates, layer_identifier_provider=layer_id),
+            ],
             templates=templates,
         )
 
@@ -254,7 +264,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     conforms_to |= searches.conforms_to
 
     # collections (mosaic of every item of a collection)
-    collections = mosaic_factory(CollectionIdParams, "/collections/{collection_id}")
+    collections = mosaic_factory(CollectionIdParams, "/collections/{collection_id}", collection_layer_id)
     app.include_router(collections.router, tags=["STAC Collection"], prefix="/collections/{collection_id}")
     conforms_to |= collections.conforms_to
 
@@ -316,6 +326,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
 
     app.include_router(auth_router())
     app.include_router(presets_router())
+    app.include_router(catalogue_router(templates))
 
     for factory in (
         TMSFactory(supported_tms=supported_tms, templates=templates),

@@ -1,17 +1,27 @@
-"""Our own routes (beside titiler's factories): preset listings."""
+"""Our own routes (beside titiler's factories): preset listings, catalogue-wide WMTS."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException, Query
 from starlette.requests import Request
+from starlette.responses import Response
+from starlette.templating import Jinja2Templates
+from titiler.core.resources.enums import ImageType
+from titiler.core.utils import tms_limits
 
-from tiler.dependencies import PresetContext, presets_for
+from tiler.access import allowed_collections
+from tiler.dependencies import PresetContext, collection_document, collection_zooms, presets_for
 from tiler.presets import Preset, builtin
+from tiler.tms import supported_tms
 
 LEGEND_SIZE = {"width": 256, "height": 20}
+
+
+class _XML(Response):
+    media_type = "application/xml"
 
 
 def _describe(
@@ -52,6 +62,87 @@ def _listing(request: Request, ctx: PresetContext, base: str, item: bool) -> dic
         "presets": [_describe(request, p, base, p.name == default, item) for p in available.values()],
         "not_applicable": sorted(set(ctx.presets) - set(available)),
     }
+
+
+def catalogue_router(templates: Jinja2Templates) -> APIRouter:
+    """``/WMTSCapabilities.xml``: one WMTS document for every collection the caller may see."""
+    router = APIRouter(tags=["OGC Web Map Tile Service"])
+
+    @router.get(
+        "/WMTSCapabilities.xml",
+        response_class=_XML,
+        summary="WMTS capabilities of the whole catalogue: a layer per collection, preset and grid.",
+        responses={200: {"content": {"application/xml": {}}}},
+    )
+    def catalogue_wmts(
+        request: Request,
+        tile_format: Annotated[
+            Literal["png", "jpeg", "webp"], Query(description="Tile format of every layer.")
+        ] = "png",
+        tilematrixsets: Annotated[
+            str | None,
+            Query(description="Comma-separated grids to list (default: all), e.g. `LAMB93,WebMercatorQuad`."),
+        ] = None,
+    ):
+        pool = request.app.state.dbpool
+        grids = supported_tms.list()
+        if tilematrixsets:
+            wanted = [t.strip() for t in tilematrixsets.split(",") if t.strip()]
+            unknown = [t for t in wanted if t not in grids]
+            if unknown:
+                raise HTTPException(
+                    400, f"Unknown TileMatrixSet(s) {', '.join(unknown)}; known: {', '.join(grids)}"
+                )
+            grids = wanted
+        visible = allowed_collections(request, "tiles")
+        if visible is None:
+            with pool.connection() as conn:
+                visible = [r[0] for r in conn.execute("SELECT id FROM pgstac.collections ORDER BY id")]
+        principal = getattr(request.state, "principal", None)
+        if not visible and principal is not None and principal.anonymous:
+            raise HTTPException(401, "Sign in to see collections", headers={"WWW-Authenticate": "Bearer"})
+        root = str(request.base_url).rstrip("/")
+        layers: list[dict[str, Any]] = []
+        for cid in visible:
+            doc = collection_document(pool, cid) or {}
+            bbox = ((doc.get("extent") or {}).get("spatial") or {}).get("bbox") or [[-180, -90, 180, 90]]
+            bounds = [float(v) for v in bbox[0][:4]]
+            available = presets_for(pool, collection_id=cid).available
+            for tms_id in grids:
+                tms = supported_tms.get(tms_id)
+                zooms = collection_zooms(pool, (cid,), tms) or (tms.minzoom, tms.maxzoom)
+                for name, preset in available.items():
+                    layer_zooms = preset.minmax_zoom or zooms
+                    layers.append(
+                        {
+                            "title": f"{doc.get('title') or cid}: {preset.title} ({tms_id})",
+                            "identifier": f"{cid}_{tms_id}_{name}",
+                            "tms_identifier": tms_id,
+                            "tms_limits": tms_limits(tms, bounds, zooms=layer_zooms),
+                            "tiles_url": f"{root}/collections/{quote(cid, safe='')}/tiles/{tms_id}"
+                            f"/{{TileMatrix}}/{{TileCol}}/{{TileRow}}.{tile_format}",
+                            "query_string": urlencode({"preset": name}),
+                            "bbox_crs_type": "WGS84BoundingBox",
+                            "bbox_crs_uri": "urn:ogc:def:crs:OGC:2:84",
+                            "bbox": bounds,
+                        }
+                    )
+        matrix_sets = [
+            {"id": t, "crs": supported_tms.get(t).crs.srs, "matrices": supported_tms.get(t).tileMatrices}
+            for t in grids
+        ]
+        return templates.TemplateResponse(
+            request,
+            name="wmts.xml",
+            context={
+                "layers": layers,
+                "tileMatrixSets": matrix_sets,
+                "media_type": ImageType[tile_format].mediatype,
+            },
+            media_type="application/xml",
+        )
+
+    return router
 
 
 def presets_router() -> APIRouter:
