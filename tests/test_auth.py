@@ -569,3 +569,14 @@ def test_catalogue_wmts_lists_only_what_the_caller_may_tile(auth_client, keys):
     assert seen == {A}
     templates = re.findall(r'template="([^"]+)"', xml)
     assert templates and all(f"/t/{tok}/collections/" in t for t in templates)
+
+
+def test_thumbnails_follow_the_preview_grant(auth_client, sample, b_item):
+    c = auth_client
+    base = f"/collections/{A}/items/{sample.item(0)['id']}/thumbnail.png"
+    r = c.get(base)  # anonymous: the `thumbs` grant allows previews up to 256 px
+    assert r.status_code == 200 and r.headers["cache-control"].startswith("public") and "etag" in r.headers
+    assert c.get(base, params={"size": 256}).status_code == 200
+    assert c.get(base, params={"size": 512}).status_code == 401  # larger needs a sign-in
+    assert c.get(f"/collections/{B}/items/{b_item['id']}/thumbnail.png").status_code == 401
+    assert c.get(f"/collections/{A}/thumbnail.png").status_code == 200

@@ -314,7 +314,7 @@ def classify(request: Request) -> Target:
     op = "metadata"
     if "z" in params and "tileMatrixSetId" in params and not template.endswith("/assets"):
         op = "tiles"
-    elif template.startswith("/preview"):
+    elif template.startswith(("/preview", "/thumbnail")):
         op = "preview"
     elif template.startswith(_DATA_ROUTE_PREFIXES) and not template.endswith("/assets"):
         op = "data"
@@ -368,6 +368,10 @@ def preview_allowed(access: Access, request: Request) -> bool:
     if access.max_preview_size is None:
         return True
     q, p = request.query_params, request.path_params
+    route = getattr(request.scope.get("route"), "path", "") or ""
+    if route.startswith("/thumbnail"):
+        size = q.get("size", "256")
+        return (int(size) if size.isdigit() else 10**9) <= access.max_preview_size
     sizes = []
     for name in ("width", "height"):
         v = p.get(name) or q.get(name)

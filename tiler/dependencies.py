@@ -574,3 +574,26 @@ def collection_zooms(pool: Any, collections: Sequence[str], tms: Any) -> tuple[i
             return None
 
     return _cached(("zooms", tuple(collections), tms.id), fetch)
+
+
+def newest_item(pool: Any, search_id: str) -> tuple[str, str] | None:
+    """(collection/id, datetime) of the newest item of a search mosaic (cached 60 s), for ETags."""
+
+    def fetch() -> tuple[str, str] | None:
+        collections = search_collection_ids(pool, search_id)
+        query = {
+            "collections": list(collections),
+            "limit": 1,
+            "sortby": [{"field": "datetime", "direction": "desc"}],
+            "fields": {"include": ["id", "collection", "properties.datetime", "properties.updated"]},
+        }
+        with pool.connection() as conn:
+            row = conn.execute("SELECT pgstac.search(%s::jsonb)", (json.dumps(query),)).fetchone()
+        features = (row[0] or {}).get("features", []) if row else []
+        if not features:
+            return None
+        f = features[0]
+        props = f.get("properties") or {}
+        return f"{f.get('collection')}/{f.get('id')}", str(props.get("updated") or props.get("datetime"))
+
+    return _cached(("newest", search_id), fetch)

@@ -62,6 +62,7 @@ from tiler.dependencies import (
     search_collection_ids,
 )
 from tiler.errors import register_error_handlers
+from tiler.factory import mosaicThumbnailExtension, thumbnailExtension
 from tiler.reader import ItemReader, MosaicBackend, MosaicItemReader
 from tiler.routes import catalogue_router, presets_router
 from tiler.settings import Settings
@@ -237,6 +238,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
             extensions=[
                 searchInfoExtension(),
                 mosaicWmtsExtension(templates=templates, layer_identifier_provider=layer_id),
+                mosaicThumbnailExtension(),
             ],
             templates=templates,
         )
@@ -283,6 +285,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         extensions=[
             wmtsExtension(templates=templates, layer_identifier_provider=lambda item: item.id),
             stacRenderExtension(),
+            thumbnailExtension(),
         ],
         templates=templates,
     )

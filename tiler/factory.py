@@ -1,0 +1,231 @@
+"""Factory extensions: endpoints we add to titiler's factories.
+
+``thumbnailExtension`` gives items (and mosaics) a metacatalogue thumbnail: a fixed-size
+picture of the footprint in the default preset, read from an overview, with an ETag so
+that catalogues revalidate instead of downloading it again.
+"""
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import rasterio
+from attrs import define
+from fastapi import Depends, Query
+from rasterio.crs import CRS
+from rasterio.io import MemoryFile
+from rio_tiler.constants import WGS84_CRS
+from rio_tiler.utils import render
+from starlette.requests import Request
+from starlette.responses import Response
+from titiler.core.factory import FactoryExtension
+from titiler.core.resources.enums import ImageType
+
+from tiler import __version__
+from tiler.dependencies import newest_item
+
+WEB_MERCATOR = CRS.from_epsg(3857)
+
+THUMBNAIL_FORMATS = Literal["png", "jpeg", "jpg", "webp"]
+MAX_THUMBNAIL_SIZE = 1024
+
+
+def _etag(*parts: Any) -> str:
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return f'"{digest[:32]}"'
+
+
+def _not_modified(request: Request, etag: str) -> bool:
+    header = request.headers.get("if-none-match", "")
+    return any(tag.strip() in (etag, f"W/{etag}", "*") for tag in header.split(","))
+
+
+def _signature(request: Request) -> list[tuple[str, str]]:
+    """The query parameters that change the picture (not the URL token)."""
+    return sorted((k, v) for k, v in request.query_params.multi_items() if k != "token")
+
+
+def _on_white(png: bytes, fmt: ImageType) -> bytes:
+    """Composite a rendered PNG (last band alpha) on white and encode it as ``fmt``, without alpha."""
+    with MemoryFile(png) as mem, mem.open() as ds:
+        data = ds.read().astype("float64")
+    top = float(np.iinfo(np.uint16).max if data.max() > 255 else 255)
+    alpha = data[-1:] / top
+    flat = data[:-1] * alpha + top * (1 - alpha)
+    return render(np.rint(flat).astype("uint8" if top == 255 else "uint16"), img_format=fmt.driver)
+
+
+SizeParam = Annotated[
+    int,
+    Query(
+        ge=16,
+        le=MAX_THUMBNAIL_SIZE,
+        description="Length of the longer side, in pixels (the aspect ratio is kept).",
+    ),
+]
+BackgroundParam = Annotated[
+    Literal["transparent", "white"],
+    Query(description="Outside the footprint: transparent (PNG, WebP) or white. JPEG is always white."),
+]
+
+
+@define
+class thumbnailExtension(FactoryExtension):  # noqa: N801 - titiler naming
+    """``/thumbnail.{format}`` for a STAC item: its footprint, in its own CRS, from an overview."""
+
+    def register(self, factory: Any) -> None:
+        """Add the route to ``factory`` (a `MultiBaseTilerFactory` over `tiler.reader.ItemReader`)."""
+
+        @factory.router.get(
+            "/thumbnail.{format}",
+            response_class=Response,
+            responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, 304: {}},
+            summary="Thumbnail of the item for catalogues (footprint only, aspect kept, ETag).",
+            operation_id=f"{factory.operation_prefix}getThumbnail",
+        )
+        def thumbnail(
+            request: Request,
+            format: THUMBNAIL_FORMATS,  # noqa: A002 - titiler naming
+            src_path: Annotated[Any, Depends(factory.path_dependency)],
+            reader_params: Annotated[Any, Depends(factory.reader_dependency)],
+            layer_params: Annotated[Any, Depends(factory.layer_dependency)],
+            dataset_params: Annotated[Any, Depends(factory.dataset_dependency)],
+            post_process: Annotated[Any, Depends(factory.process_dependency)],
+            colormap: Annotated[Any, Depends(factory.colormap_dependency)],
+            render_params: Annotated[Any, Depends(factory.render_dependency)],
+            env: Annotated[Any, Depends(factory.environment_dependency)],
+            size: SizeParam = 256,
+            background: BackgroundParam = "transparent",
+        ) -> Response:
+            item = src_path
+            fmt = ImageType[format]
+            etag = _etag(
+                __version__,
+                item.collection_id,
+                item.id,
+                item.properties.get("updated") or item.properties.get("datetime"),
+                _signature(request),
+                fmt.value,
+                layer_params.as_dict(),
+                render_params.as_dict(),
+            )
+            headers = {"ETag": etag}
+            if _not_modified(request, etag):
+                return Response(status_code=304, headers=headers)
+            with rasterio.Env(**env):
+                with factory.reader(item, **reader_params.as_dict()) as src:
+                    dst_crs = src.crs if src.crs is not None and src.crs != WGS84_CRS else CRS.from_epsg(3857)
+                    image = src.feature(
+                        item.geometry,
+                        shape_crs=WGS84_CRS,
+                        dst_crs=dst_crs,
+                        max_size=size,
+                        **layer_params.as_dict(),
+                        **dataset_params.as_dict(),
+                    )
+            if post_process:
+                image = post_process(image)
+            return _picture(factory, image, fmt, background, colormap, render_params, headers)
+
+
+#: Items read at most for a mosaic thumbnail (newest first, stop when the extent is covered).
+MOSAIC_THUMBNAIL_ITEMS = 50
+
+
+@define
+class mosaicThumbnailExtension(FactoryExtension):  # noqa: N801 - titiler naming
+    """``/thumbnail.{format}`` for a collection or search mosaic: its extent, in Web Mercator.
+
+    At most `MOSAIC_THUMBNAIL_ITEMS` items are read (newest on top, stopping once the extent
+    is covered), each from the overview matching the thumbnail size. The ETag follows the
+    search, the parameters and the newest item: adding an older item does not change it.
+    """
+
+    def register(self, factory: Any) -> None:
+        """Add the route to ``factory`` (a titiler-pgstac `MosaicTilerFactory`)."""
+
+        @factory.router.get(
+            "/thumbnail.{format}",
+            response_class=Response,
+            responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, 304: {}},
+            summary="Thumbnail of the mosaic over its extent (aspect kept, ETag).",
+            operation_id=f"{factory.operation_prefix}getThumbnail",
+        )
+        def thumbnail(
+            request: Request,
+            format: THUMBNAIL_FORMATS,  # noqa: A002 - titiler naming
+            src_path: Annotated[Any, Depends(factory.path_dependency)],
+            backend_params: Annotated[Any, Depends(factory.backend_dependency)],
+            reader_params: Annotated[Any, Depends(factory.reader_dependency)],
+            assets_accessor_params: Annotated[Any, Depends(factory.assets_accessor_dependency)],
+            layer_params: Annotated[Any, Depends(factory.layer_dependency)],
+            dataset_params: Annotated[Any, Depends(factory.dataset_dependency)],
+            pixel_selection: Annotated[Any, Depends(factory.pixel_selection_dependency)],
+            post_process: Annotated[Any, Depends(factory.process_dependency)],
+            colormap: Annotated[Any, Depends(factory.colormap_dependency)],
+            render_params: Annotated[Any, Depends(factory.render_dependency)],
+            env: Annotated[Any, Depends(factory.environment_dependency)],
+            size: SizeParam = 256,
+            background: BackgroundParam = "transparent",
+        ) -> Response:
+            fmt = ImageType[format]
+            pool = request.app.state.dbpool
+            newest = newest_item(pool, src_path)
+            etag = _etag(
+                __version__,
+                src_path,
+                newest,
+                _signature(request),
+                fmt.value,
+                layer_params.as_dict(),
+                render_params.as_dict(),
+            )
+            headers = {"ETag": etag}
+            if _not_modified(request, etag):
+                return Response(status_code=304, headers=headers)
+            options = assets_accessor_params.as_dict()
+            options["items_limit"] = min(
+                options.get("items_limit") or MOSAIC_THUMBNAIL_ITEMS, MOSAIC_THUMBNAIL_ITEMS
+            )
+            with rasterio.Env(**env):
+                with factory.backend(
+                    src_path,
+                    reader=factory.dataset_reader,
+                    reader_options=reader_params.as_dict(),
+                    **backend_params.as_dict(),
+                ) as src_dst:
+                    image, _ = src_dst.part(
+                        src_dst.bounds,
+                        bounds_crs=WGS84_CRS,
+                        dst_crs=WEB_MERCATOR,
+                        max_size=size,
+                        search_options=options,
+                        pixel_selection=pixel_selection,
+                        **layer_params.as_dict(),
+                        **dataset_params.as_dict(),
+                    )
+            if post_process:
+                image = post_process(image)
+            return _picture(factory, image, fmt, background, colormap, render_params, headers)
+
+
+def _picture(
+    factory: Any,
+    image: Any,
+    fmt: ImageType,
+    background: str,
+    colormap: Any,
+    render_params: Any,
+    headers: dict,
+) -> Response:
+    if background == "transparent" and fmt in (ImageType.png, ImageType.webp):
+        content, media_type = factory.render_func(
+            image, output_format=fmt, colormap=colormap, **render_params.as_dict()
+        )
+    else:
+        png, _ = factory.render_func(
+            image, output_format=ImageType.png, colormap=colormap, **render_params.as_dict()
+        )
+        content, media_type = _on_white(png, fmt), fmt.mediatype
+    return Response(content, media_type=media_type, headers=headers)
