@@ -8,9 +8,9 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # `setup.sh test` also installs the real clients the tests drive: QGIS (Debian's python3-qgis,
-# run offscreen by the system python3) with its WMS/XYZ provider.
+# run offscreen by the system python3) with its WMS/XYZ provider, and headless Chromium.
 packages=(postgresql-15 postgresql-15-postgis-3 python3-venv)
-if [ "${1:-}" = "test" ]; then packages+=(python3-qgis qgis-providers); fi
+if [ "${1:-}" = "test" ]; then packages+=(python3-qgis qgis-providers chromium); fi
 need=()
 for pkg in "${packages[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")

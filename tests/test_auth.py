@@ -580,3 +580,14 @@ def test_thumbnails_follow_the_preview_grant(auth_client, sample, b_item):
     assert c.get(base, params={"size": 512}).status_code == 401  # larger needs a sign-in
     assert c.get(f"/collections/{B}/items/{b_item['id']}/thumbnail.png").status_code == 401
     assert c.get(f"/collections/{A}/thumbnail.png").status_code == 200
+
+
+def test_collections_and_items_listings_follow_the_policy(auth_client, sample, keys):
+    c = auth_client
+    h = bearer(make_jwt(keys))
+    assert [x["id"] for x in c.get("/collections", headers=h).json()["collections"]] == [A]
+    items = c.get(f"/collections/{A}/items", headers=h).json()["items"]
+    assert [it["id"] for it in items] == [it["id"] for it in sorted(sample.items, key=lambda i: i["properties"]["datetime"], reverse=True)]
+    assert c.get(f"/collections/{B}/items", headers=h).status_code == 403
+    assert c.get(f"/collections/{A}/items", params={"limit": 100000}, headers=h).status_code == 422
+    assert c.get(f"/collections/{A}/items", params={"bbox": "1,2"}, headers=h).status_code == 400

@@ -71,6 +71,7 @@ PUBLIC_ROUTES = {
     "/colorMaps",
     "/colorMaps/{colorMapId}",
     "/presets",
+    "/viewer",
 }
 
 _DATA_ROUTE_PREFIXES = ("/point/", "/bbox/", "/feature", "/statistics", "/part")
@@ -309,7 +310,11 @@ def classify(request: Request) -> Target:
         return Target("public")
     if template.startswith("/auth/"):
         return Target("auth")
-    if template == "/WMTSCapabilities.xml" and not params.keys() & {"collection_id", "search_id", "item_id"}:
+    if template in ("/WMTSCapabilities.xml", "/collections") and not params.keys() & {
+        "collection_id",
+        "search_id",
+        "item_id",
+    }:
         return Target("catalogue")  # lists only what the caller may see (templates are router-relative)
     op = "metadata"
     if "z" in params and "tileMatrixSetId" in params and not template.endswith("/assets"):

@@ -423,6 +423,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
                     "http://www.opengis.net/def/rel/ogc/1.0/conformance",
                     "application/json",
                 ),
+                link("Viewer: browse collections and items", base + "/viewer", "data", "text/html"),
+                link("Collections", base + "/collections", "data", "application/json"),
+                link(
+                    "WMTS capabilities of the whole catalogue (one QGIS connection)",
+                    base + "/WMTSCapabilities.xml",
+                    "data",
+                    "application/xml",
+                ),
+                link("Band presets", base + "/presets", "data", "application/json"),
                 link(
                     "Registered searches (mosaics)",
                     base + app.url_path_for("list_searches"),

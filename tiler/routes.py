@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, HTTPException, Query
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 from starlette.templating import Jinja2Templates
 from titiler.core.resources.enums import ImageType
 from titiler.core.utils import tms_limits
@@ -64,9 +65,109 @@ def _listing(request: Request, ctx: PresetContext, base: str, item: bool) -> dic
     }
 
 
+def _visible(request: Request, operation: str = "tiles") -> list[str]:
+    visible = allowed_collections(request, operation)
+    if visible is None:
+        with request.app.state.dbpool.connection() as conn:
+            visible = [r[0] for r in conn.execute("SELECT id FROM pgstac.collections ORDER BY id")]
+    return visible
+
+
+MAX_ITEMS_LISTED = 500
+
+
 def catalogue_router(templates: Jinja2Templates) -> APIRouter:
-    """``/WMTSCapabilities.xml``: one WMTS document for every collection the caller may see."""
-    router = APIRouter(tags=["OGC Web Map Tile Service"])
+    """The catalogue as the caller may see it: collections, items, one WMTS document, a viewer."""
+    router = APIRouter(tags=["Catalogue"])
+
+    @router.get("/collections", summary="Collections the caller may tile, with their extent and links.")
+    def collections(request: Request) -> dict[str, Any]:
+        pool = request.app.state.dbpool
+        root = str(request.base_url).rstrip("/")
+        out = []
+        for cid in _visible(request):
+            doc = collection_document(pool, cid) or {}
+            base = f"{root}/collections/{quote(cid, safe='')}"
+            out.append(
+                {
+                    "id": cid,
+                    "title": doc.get("title") or cid,
+                    "description": doc.get("description"),
+                    "extent": doc.get("extent"),
+                    "links": {
+                        "presets": f"{base}/presets",
+                        "items": f"{base}/items",
+                        "tilejson": f"{base}/WebMercatorQuad/tilejson.json",
+                        "wmts": f"{base}/WMTSCapabilities.xml",
+                        "thumbnail": f"{base}/thumbnail.png",
+                    },
+                }
+            )
+        return {"collections": out}
+
+    @router.get(
+        "/collections/{collection_id}/items",
+        summary="Items of a collection, newest first (id, date, platform, bbox), for browsing.",
+    )
+    def items(
+        request: Request,
+        collection_id: str,
+        limit: Annotated[int, Query(ge=1, le=MAX_ITEMS_LISTED)] = 100,
+        bbox: Annotated[str | None, Query(description="minx,miny,maxx,maxy (WGS84)")] = None,
+    ) -> dict[str, Any]:
+        query: dict[str, Any] = {
+            "collections": [collection_id],
+            "limit": limit,
+            "sortby": [{"field": "datetime", "direction": "desc"}],
+            "fields": {
+                "include": [
+                    "id",
+                    "bbox",
+                    "properties.datetime",
+                    "properties.platform",
+                    "properties.eo:cloud_cover",
+                ]
+            },
+        }
+        if bbox:
+            try:
+                values = [float(v) for v in bbox.split(",")]
+            except ValueError:
+                values = []
+            if len(values) != 4:
+                raise HTTPException(400, "bbox must be minx,miny,maxx,maxy")
+            query["bbox"] = values
+        if collection_document(request.app.state.dbpool, collection_id) is None:
+            raise HTTPException(404, f"Collection {collection_id!r} not found")
+        with request.app.state.dbpool.connection() as conn:
+            row = conn.execute("SELECT pgstac.search(%s::jsonb)", (json.dumps(query),)).fetchone()
+        root = str(request.base_url).rstrip("/")
+        features = (row[0] or {}).get("features", []) if row else []
+        return {
+            "collection": collection_id,
+            "items": [
+                {
+                    "id": f["id"],
+                    "bbox": f.get("bbox"),
+                    **{k: v for k, v in (f.get("properties") or {}).items()},
+                    "links": {
+                        "thumbnail": f"{root}/collections/{quote(collection_id, safe='')}/items/{quote(f['id'], safe='')}/thumbnail.png",
+                    },
+                }
+                for f in features
+            ],
+        }
+
+    @router.get(
+        "/viewer", response_class=HTMLResponse, summary="Browse collections and items; presets, grids, URLs."
+    )
+    def viewer(request: Request):
+        return templates.TemplateResponse(
+            request,
+            name="viewer.html",
+            context={"root": str(request.base_url).rstrip("/"), "grids": supported_tms.list()},
+            media_type="text/html",
+        )
 
     @router.get(
         "/WMTSCapabilities.xml",
@@ -94,10 +195,7 @@ def catalogue_router(templates: Jinja2Templates) -> APIRouter:
                     400, f"Unknown TileMatrixSet(s) {', '.join(unknown)}; known: {', '.join(grids)}"
                 )
             grids = wanted
-        visible = allowed_collections(request, "tiles")
-        if visible is None:
-            with pool.connection() as conn:
-                visible = [r[0] for r in conn.execute("SELECT id FROM pgstac.collections ORDER BY id")]
+        visible = _visible(request)
         principal = getattr(request.state, "principal", None)
         if not visible and principal is not None and principal.anonymous:
             raise HTTPException(401, "Sign in to see collections", headers={"WWW-Authenticate": "Bearer"})
