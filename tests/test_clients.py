@@ -200,3 +200,28 @@ def test_break_the_capabilities_and_gdal_fails(live_server, sample, monkeypatch)
         with rasterio.open(f"WMTS:{path},layer={layer}") as ds:
             with pytest.raises(rasterio.errors.RasterioIOError):
                 ds.read(window=rasterio.windows.Window(0, 0, 256, 256), out_shape=(4, 64, 64))
+
+
+def test_ogc_api_tiles_tilesets_still_work(client, sample):
+    from urllib.parse import unquote
+
+    conf = client.get("/conformance").json()["conformsTo"]
+    assert any("ogcapi-tiles-1" in c for c in conf)
+    item = f"/collections/{C}/items/{sample.item(0)['id']}"
+    for base in (item, f"/collections/{C}"):
+        sets = client.get(f"{base}/tiles").json()["tilesets"]
+        assert {s["crs"].rsplit("/", 1)[-1] for s in sets} >= {"2154", "3857"}
+        ts = client.get(f"{base}/tiles/LAMB93")
+        assert ts.status_code == 200, ts.text
+        body = ts.json()
+        assert body["crs"].endswith("/2154") and body["tileMatrixSetLimits"]
+        template = unquote(next(link["href"] for link in body["links"] if link["rel"] == "tile"))
+        lim = body["tileMatrixSetLimits"][-1]
+        href = (
+            template.replace("{z}", lim["tileMatrix"])
+            .replace("{y}", str((lim["minTileRow"] + lim["maxTileRow"]) // 2))
+            .replace("{x}", str((lim["minTileCol"] + lim["maxTileCol"]) // 2))
+        )
+        r = client.get(href.replace("http://testserver", "") + ".png")
+        assert r.status_code == 200, (href, r.text)
+        assert read_png(r.content)[..., -1].mean() > 0  # a default-preset picture
