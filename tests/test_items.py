@@ -136,7 +136,7 @@ def test_item_info_tilejson_and_wmts(client, sample):
     r = client.get(f"{item_url(sample, 0)}/info", params={"assets": ":all:"})
     assert r.status_code == 200
     info = r.json()
-    assert set(info) == {"ms", "pan"}
+    assert set(info) == {"ms", "pan", "overview"}
     assert info["pan"]["width"] == item["assets"]["pan"]["proj:shape"][1]
 
     r = client.get(f"{item_url(sample, 0)}/WebMercatorQuad/tilejson.json", params={"assets": "ms"})

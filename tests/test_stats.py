@@ -152,7 +152,7 @@ def test_rerun_does_not_recompute(dsn, db, sample, tmp_path, reads):
     coll = "stats-rerun"
     paths = copy_items(sample, tmp_path, coll)
     load(dsn, paths, progress=False)
-    assert len(reads) == 6  # 3 items x (ms, pan)
+    assert len(reads) == 9  # 3 items x (ms, pan, quicklook)
     first = {it["id"]: stored_stats(db, it["id"], "ms", coll) for it in sample.items}
 
     # same files again: statistics come from the database, nothing is read
@@ -178,7 +178,7 @@ def test_rerun_does_not_recompute(dsn, db, sample, tmp_path, reads):
     # --recompute-stats reads everything
     reads.clear()
     load(dsn, paths, progress=False, recompute_stats=True)
-    assert len(reads) == 6
+    assert len(reads) == 9
     assert {it["id"]: stored_stats(db, it["id"], "ms", coll) for it in sample.items} == first
 
 
@@ -205,7 +205,7 @@ def test_cli_flags(dsn, db, sample, tmp_path, reads):
     assert stored_stats(db, sample.item(0)["id"], "ms", "stats-cli") == [None] * 4
     r = runner.invoke(ingest_command, ["--dsn", dsn, *paths])
     assert r.exit_code == 0, r.output
-    assert len(reads) == 6 and all(stored_stats(db, sample.item(0)["id"], "ms", "stats-cli"))
+    assert len(reads) == 9 and all(stored_stats(db, sample.item(0)["id"], "ms", "stats-cli"))
 
 
 def test_readers_take_the_percentiles_as_dataset_statistics(db, sample):

@@ -17,6 +17,7 @@ import numpy as np
 import pystac
 from cachetools import TTLCache
 from fastapi import Depends, Path, Query
+from morecantile.errors import InvalidIdentifier
 from pydantic import AfterValidator
 from rasterio.crs import CRS
 from rio_tiler.colormap import cmap as default_cmap
@@ -42,6 +43,7 @@ from tiler.presets import (
 from tiler.presets import get as get_preset
 from tiler.settings import CogSettings, GdalSettings
 from tiler.stats import stretch_range
+from tiler.tms import supported_tms
 
 ALLOWED_SCHEMES = ("http", "https", "s3")
 MAX_URL_LENGTH = 2048
@@ -313,7 +315,9 @@ def search_collection_ids(pool: Any, search_id: str) -> tuple[str, ...]:
     return _cached(("search", search_id), fetch)
 
 
-def collection_stretch(pool: Any, collections: Sequence[str]) -> dict[str, tuple[float, float]]:
+def collection_stretch(
+    pool: Any, collections: Sequence[str], layout: dict[str, str]
+) -> dict[str, tuple[float, float]]:
     """One 2-98 % stretch per band common name for a mosaic of ``collections``.
 
     The median, over the newest `STRETCH_SAMPLE` items, of the ``percentile_2`` and
@@ -326,21 +330,27 @@ def collection_stretch(pool: Any, collections: Sequence[str]) -> dict[str, tuple
         with pool.connection() as conn:
             row = conn.execute("SELECT pgstac.search(%s::jsonb)", (json.dumps(query),)).fetchone()
         items = (row[0] or {}).get("features", []) if row else []
-        return stretch_by_band([it.get("assets") or {} for it in items])
+        return stretch_by_band([it.get("assets") or {} for it in items], layout)
 
-    return _cached(("stretch", tuple(collections)), fetch)
+    return _cached(("stretch", tuple(collections), tuple(sorted(layout.items()))), fetch)
 
 
-def stretch_by_band(assets_of_items: Sequence[dict[str, dict]]) -> dict[str, tuple[float, float]]:
-    """Per band common name, the median of the items' stored ``percentile_2`` and ``percentile_98``."""
+def stretch_by_band(
+    assets_of_items: Sequence[dict[str, dict]], layout: dict[str, str]
+) -> dict[str, tuple[float, float]]:
+    """Per band common name, the median of the items' stored ``percentile_2`` and ``percentile_98``.
+
+    Only the asset ``layout`` reads each band from counts (a quicklook's 8-bit red is not the
+    multispectral red).
+    """
     lows: dict[str, list[float]] = {}
     highs: dict[str, list[float]] = {}
     for assets in assets_of_items:
-        for asset in assets.values():
+        for key, asset in assets.items():
             bands = asset.get("eo:bands") or asset.get("bands") or []
             stretch = stretch_range(asset.get("raster:bands")) or []
             for band, (lo, hi) in zip(bands, stretch, strict=False):
-                if name := common_name(band):
+                if (name := common_name(band)) and layout.get(name) == key:
                     lows.setdefault(name, []).append(lo)
                     highs.setdefault(name, []).append(hi)
     return {n: (float(np.median(lows[n])), float(np.median(highs[n]))) for n in lows}
@@ -355,8 +365,11 @@ class PresetContext:
     asset_keys: tuple[str, ...]
     collections: tuple[str, ...]
     mosaic: bool
-    #: an item's own 2-98 % stretch by band common name (mosaics: looked up when needed)
-    stretch: dict[str, tuple[float, float]] | None = None
+    #: the item's assets (items) or the collections' item_assets (mosaics)
+    assets: dict[str, dict] = field(default_factory=dict)
+    item: pystac.Item | None = None
+    #: key of a georeferenced quicklook asset (role ``overview``, with eo:bands), if any
+    quicklook: str | None = None
 
     @property
     def available(self) -> dict[str, Preset]:
@@ -390,13 +403,16 @@ def presets_for(
         )
         coll = collection_document(pool, collection_id) or {}
         assets = {k: a.to_dict() for k, a in item.assets.items()}
+        ql = quicklook_key(assets)
         return PresetContext(
             presets=merged(coll.get("renders"), item.properties.get("renders")),
-            layout=band_layout(assets),
+            layout=band_layout({k: a for k, a in assets.items() if k != ql}),
             asset_keys=tuple(assets),
             collections=(collection_id,),
             mosaic=False,
-            stretch=stretch_by_band([assets]),
+            assets=assets,
+            item=item,
+            quicklook=ql,
         )
     if search_id is not None:
         collections = search_collection_ids(pool, search_id)
@@ -407,15 +423,54 @@ def presets_for(
     docs = [d for c in collections if (d := collection_document(pool, c))]
     if search_id is None and not docs:
         raise MosaicNotFoundError(f"CollectionId `{collection_id}` not found")
-    layout: dict[str, str] = {}
-    keys: list[str] = []
+    item_assets: dict[str, dict] = {}
     renders: dict[str, Any] = {}
     for doc in reversed(docs):  # the first collection wins
-        item_assets = doc.get("item_assets") or {}
-        layout.update(band_layout(item_assets))
-        keys += [k for k in item_assets if k not in keys]
+        item_assets.update(doc.get("item_assets") or {})
         renders.update(doc.get("renders") or {})
-    return PresetContext(merged(renders), layout, tuple(keys), tuple(collections), mosaic=True)
+    ql = quicklook_key(item_assets)
+    return PresetContext(
+        merged(renders),
+        band_layout({k: a for k, a in item_assets.items() if k != ql}),
+        tuple(item_assets),
+        tuple(collections),
+        mosaic=True,
+        assets=item_assets,
+        quicklook=ql,
+    )
+
+
+def quicklook_key(assets: dict[str, dict]) -> str | None:
+    """The asset to read instead of the COGs at small scales: role ``overview``, bands by common name."""
+    for key, asset in assets.items():
+        if "overview" in (asset.get("roles") or []) and any(
+            common_name(b) for b in asset.get("eo:bands") or asset.get("bands") or []
+        ):
+            media = (asset.get("type") or "").lower()
+            if not media or media.startswith("image/tiff"):
+                return key
+    return None
+
+
+def below_cheap_zoom(request: Request, ctx: PresetContext) -> bool:
+    """A tile request at a zoom below the data's minzoom (where the COGs' overviews run out)."""
+    params = request.path_params
+    if "z" not in params or "tileMatrixSetId" not in params:
+        return False
+    try:
+        tms = supported_tms.get(params["tileMatrixSetId"])
+        z = int(params["z"])
+    except (KeyError, ValueError, InvalidIdentifier):
+        return False
+    if ctx.item is not None:
+        with PgSTACReader(ctx.item, tms=tms) as src:
+            minzoom = src.minzoom
+    else:
+        zooms = collection_zooms(request.app.state.dbpool, ctx.collections, tms)
+        if zooms is None:
+            return False
+        minzoom = zooms[0]
+    return z < minzoom
 
 
 def resolve_preset(request: Request, name: str | None) -> Resolved | None:
@@ -428,11 +483,19 @@ def resolve_preset(request: Request, name: str | None) -> Resolved | None:
         preset = next(iter(available.values()))
     else:
         preset = get_preset(ctx.presets, name)
-    resolved = preset.resolve(ctx.layout)
+    layout = ctx.layout
+    resolved = preset.resolve(layout)
+    if ctx.quicklook and not preset.assets and below_cheap_zoom(request, ctx):
+        # at small scales read the quicklook instead, for the presets it can show
+        ql_layout = band_layout({ctx.quicklook: ctx.assets[ctx.quicklook]})
+        if preset.applies_to(ql_layout) and preset.pansharpen is None:
+            layout, resolved = ql_layout, preset.resolve(ql_layout)
     if resolved.rescale is None and resolved.output_bands:
         # a preset is a picture: 8-bit, with the item's stretch, or one stretch for a mosaic
         stretch = (
-            ctx.stretch if not ctx.mosaic else collection_stretch(request.app.state.dbpool, ctx.collections)
+            stretch_by_band([ctx.assets], layout)
+            if not ctx.mosaic
+            else collection_stretch(request.app.state.dbpool, ctx.collections, layout)
         )
         if stretch and all(b in stretch for b in resolved.output_bands):
             resolved = replace(resolved, rescale=tuple(stretch[b] for b in resolved.output_bands))

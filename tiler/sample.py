@@ -39,6 +39,10 @@ MS_BANDS = [
     ("B2", "red", 0.660, 0.07),
     ("B3", "nir", 0.825, 0.11),
 ]
+#: Quicklook (the products' georeferenced RGB overview): 8-bit, this many MS pixels per pixel.
+QL_FACTOR = 4
+QL_RANGE = (200, 1800)  # DN mapped to 1..255 (0 is nodata)
+
 #: Weights of the MS truth bands (blue, green, red, nir) in the pan band.
 PAN_WEIGHTS = (0.25, 0.35, 0.35, 0.05)
 
@@ -184,6 +188,18 @@ def render_scene(scene: Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return truth, ms_u16, pan_u16
 
 
+def quicklook(ms: np.ndarray) -> np.ndarray:
+    """8-bit RGB quicklook of an MS array: QL_FACTOR x QL_FACTOR block means, QL_RANGE stretch."""
+    m = ms.shape[1] // QL_FACTOR
+    rgb = ms[[2, 1, 0], : m * QL_FACTOR, : m * QL_FACTOR].astype("float64")
+    valid = (rgb > 0).all(axis=0).reshape(m, QL_FACTOR, m, QL_FACTOR).all(axis=(1, 3))
+    mean = rgb.reshape(3, m, QL_FACTOR, m, QL_FACTOR).mean(axis=(2, 4))
+    lo, hi = QL_RANGE
+    out = np.clip(np.rint((mean - lo) / (hi - lo) * 254 + 1), 1, 255).astype("uint8")
+    out[:, ~valid] = NODATA
+    return out
+
+
 def write_cog(path: Path, data: np.ndarray, transform: Affine, descriptions: Sequence[str]) -> None:
     """Write ``data`` as a COG: 512 px tiles, deflate, overviews, nodata 0."""
     profile = {
@@ -229,8 +245,8 @@ def header_size(path: Path) -> int:
     return min(offsets)
 
 
-def _raster_bands(n: int, res: float) -> list[dict]:
-    return [{"data_type": "uint16", "nodata": NODATA, "spatial_resolution": res} for _ in range(n)]
+def _raster_bands(n: int, res: float, dtype: str = "uint16") -> list[dict]:
+    return [{"data_type": dtype, "nodata": NODATA, "spatial_resolution": res} for _ in range(n)]
 
 
 def scene_item(scene: Scene, cog_dir: Path, base_url: str, collection: str = COLLECTION_ID) -> dict:
@@ -245,7 +261,15 @@ def scene_item(scene: Scene, cog_dir: Path, base_url: str, collection: str = COL
     proj_bbox = [scene.x0, scene.y0 - size, scene.x0 + size, scene.y0]
     base = base_url.rstrip("/")
 
-    def asset(name: str, title: str, res: float, shape: int, bands: list[dict], roles: list[str]) -> dict:
+    def asset(
+        name: str,
+        title: str,
+        res: float,
+        shape: int,
+        bands: list[dict],
+        roles: list[str],
+        dtype: str = "uint16",
+    ) -> dict:
         fname = f"{scene.item_id}_{name.upper()}.tif"
         path = cog_dir / fname
         return {
@@ -255,7 +279,7 @@ def scene_item(scene: Scene, cog_dir: Path, base_url: str, collection: str = COL
             "roles": roles,
             "gsd": res,
             "eo:bands": bands,
-            "raster:bands": _raster_bands(len(bands), res),
+            "raster:bands": _raster_bands(len(bands), res, dtype),
             "proj:shape": [shape, shape],
             "proj:transform": list(scene.transform(res))[:6],
             "proj:bbox": proj_bbox,
@@ -303,6 +327,15 @@ def scene_item(scene: Scene, cog_dir: Path, base_url: str, collection: str = COL
                 ["data"],
             ),
             "pan": asset("pan", "Panchromatic 1.5 m", PAN_RES, scene.pan_size, pan_bands, ["data"]),
+            "overview": asset(
+                "ql",
+                f"Quicklook {MS_RES * QL_FACTOR:g} m (RGB, 8-bit)",
+                MS_RES * QL_FACTOR,
+                scene.ms_size // QL_FACTOR,
+                [{"name": n, "common_name": c} for n, c in (("R", "red"), ("G", "green"), ("B", "blue"))],
+                ["overview"],
+                "uint8",
+            ),
         },
         "links": [],
     }
@@ -312,8 +345,6 @@ def collection_doc(items: list[dict], collection: str = COLLECTION_ID) -> dict:
     """STAC collection covering ``items``, with item_assets and a true-colour render."""
     bboxes = np.array([it["bbox"] for it in items])
     times = sorted(it["properties"]["datetime"] for it in items)
-    ms = items[0]["assets"]["ms"]
-    pan = items[0]["assets"]["pan"]
     return {
         "type": "Collection",
         "stac_version": "1.0.0",
@@ -331,7 +362,7 @@ def collection_doc(items: list[dict], collection: str = COLLECTION_ID) -> dict:
         },
         "item_assets": {
             k: {key: a[key] for key in ("type", "title", "roles", "gsd", "eo:bands")}
-            for k, a in (("ms", ms), ("pan", pan))
+            for k, a in items[0]["assets"].items()
         },
         "renders": {
             # This synthetic sensor's pan is PAN_WEIGHTS . truth: its own pansharpening weights
@@ -370,10 +401,16 @@ def generate(
     for scene in default_scenes(n_scenes, ms_size):
         ms_path = out_dir / f"{scene.item_id}_MS.tif"
         pan_path = out_dir / f"{scene.item_id}_PAN.tif"
-        if not (_has_size(ms_path, scene.ms_size) and _has_size(pan_path, scene.pan_size)):
+        ql_path = out_dir / f"{scene.item_id}_QL.tif"
+        if not (
+            _has_size(ms_path, scene.ms_size)
+            and _has_size(pan_path, scene.pan_size)
+            and _has_size(ql_path, scene.ms_size // QL_FACTOR)
+        ):
             _, ms, pan = render_scene(scene)
             write_cog(ms_path, ms, scene.transform(MS_RES), [b[0] for b in MS_BANDS])
             write_cog(pan_path, pan, scene.transform(PAN_RES), ["P"])
+            write_cog(ql_path, quicklook(ms), scene.transform(MS_RES * QL_FACTOR), ["R", "G", "B"])
         items.append(scene_item(scene, out_dir, base_url, collection))
     coll = collection_doc(items, collection)
     (out_dir / "collection.json").write_text(json.dumps(coll, indent=2))
