@@ -5,20 +5,23 @@ from __future__ import annotations
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
+from helpers import copy_items
 from starlette.testclient import TestClient
 
 from tiler.embedded import LocalCluster
 from tiler.ingest import load
 from tiler.main import create_app
-from tiler.rangeserver import RangeHTTPServer
+from tiler.rangeserver import RangeHTTPServer, RangeRequestHandler
 from tiler.sample import generate
 from tiler.settings import AuthSettings, CogSettings, DatabaseSettings, Settings
+from tiler.upstream import clear_http_cache
 
 MS_SIZE = 256  # 1.5 km scenes: pan is 1024 px with one overview level
 
@@ -123,6 +126,35 @@ def live_server(dsn, cog_server):
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
+
+
+RECORDED = "recorded"
+
+
+class Recorder(RangeRequestHandler):
+    def _serve(self, body: bool) -> None:
+        with self.server.lock:  # type: ignore[attr-defined]
+            self.server.ranges.append((self.path, self.headers.get("Range")))  # type: ignore[attr-defined]
+        super()._serve(body)
+
+
+@pytest.fixture(scope="session")
+def recorded(dsn, sample, tmp_path_factory):
+    """Collection RECORDED: the sample items, served by a range server that records every request."""
+    server = RangeHTTPServer(sample.directory, handler_class=Recorder)
+    server.ranges = []
+    server.lock = threading.Lock()
+    server.start_background()
+
+    def rehost(items):
+        for it in items:
+            for a in it["assets"].values():
+                a["href"] = server.url + "/" + a["href"].rsplit("/", 1)[1]
+
+    load(dsn, copy_items(sample, tmp_path_factory.mktemp("recorded"), RECORDED, rehost), progress=False)
+    clear_http_cache(server.url)  # ingest read these files (statistics) in this process
+    yield server
+    server.shutdown()
 
 
 @pytest.fixture()

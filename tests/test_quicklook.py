@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from conftest import RECORDED as T
 from helpers import expected_nearest, lonlat_of_item_centre, mercator_tile, mercator_tile_centres, read_png
 from test_presets import item_stretch, stretch8
-from test_thumbnails import T, recorded  # noqa: F401 - the fixture: items of T served by a recording server
 
 from tiler.upstream import clear_http_cache
 
@@ -23,7 +23,7 @@ def tile(client, server, base: str, z: int, lonlat, **params):
     return r, x, y
 
 
-def test_item_tiles_below_the_cog_minzoom_come_from_the_quicklook(client, db, sample, recorded):  # noqa: F811
+def test_item_tiles_below_the_cog_minzoom_come_from_the_quicklook(client, db, sample, recorded):
     item = sample.item(0)
     base = f"/collections/{T}/items/{item['id']}"
     minzoom = client.get(f"{base}/WebMercatorQuad/tilejson.json").json()["minzoom"]
@@ -46,7 +46,7 @@ def test_item_tiles_below_the_cog_minzoom_come_from_the_quicklook(client, db, sa
     assert files_read(recorded) == {"MS.tif"}
 
 
-def test_mosaic_tiles_below_minzoom_read_only_quicklooks(client, sample, recorded):  # noqa: F811
+def test_mosaic_tiles_below_minzoom_read_only_quicklooks(client, sample, recorded):
     base = f"/collections/{T}"
     minzoom = client.get(f"{base}/WebMercatorQuad/tilejson.json").json()["minzoom"]
     r, _, _ = tile(client, recorded, base, minzoom - 1, lonlat_of_item_centre(sample.item(1)))

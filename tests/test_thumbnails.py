@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import io
-import threading
 
 import numpy as np
 import pytest
 import rasterio
-from helpers import copy_items, expected_nearest
+from conftest import RECORDED as T
+from helpers import expected_nearest
 from PIL import Image
 from test_presets import C, item_stretch, stretch8
 
-from tiler.ingest import load
-from tiler.rangeserver import RangeHTTPServer, RangeRequestHandler
 from tiler.sample import CRS_EPSG, default_scenes
-from tiler.upstream import clear_http_cache
-
-T = "thumbs-recorded"
 
 
 def url(sample, i: int = 0, collection: str = C, fmt: str = "png") -> str:
@@ -91,31 +86,6 @@ def test_bad_thumbnail_parameters_are_4xx(client, sample, params):
 
 
 # --------------------------------------------------------------------------- overview-only reads
-
-
-class Recorder(RangeRequestHandler):
-    def _serve(self, body: bool) -> None:
-        with self.server.lock:  # type: ignore[attr-defined]
-            self.server.ranges.append((self.path, self.headers.get("Range")))  # type: ignore[attr-defined]
-        super()._serve(body)
-
-
-@pytest.fixture(scope="module")
-def recorded(dsn, sample, tmp_path_factory):
-    server = RangeHTTPServer(sample.directory, handler_class=Recorder)
-    server.ranges = []
-    server.lock = threading.Lock()
-    server.start_background()
-
-    def rehost(items):
-        for it in items:
-            for a in it["assets"].values():
-                a["href"] = server.url + "/" + a["href"].rsplit("/", 1)[1]
-
-    load(dsn, copy_items(sample, tmp_path_factory.mktemp("thumbs"), T, rehost), progress=False)
-    clear_http_cache(server.url)  # ingest read these files (statistics) in this process
-    yield server
-    server.shutdown()
 
 
 def _block_ranges(path, overview_level=None) -> list[tuple[int, int]]:
