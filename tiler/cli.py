@@ -209,6 +209,8 @@ Access control is on (policy, API keys and signing key in {data_dir / "auth"}).
 The URLs below carry a signed URL token for the demo user (valid 7 days):
 paste them in a browser or QGIS as they are.
   landing page     {root}/
+  browse (viewer)  {base}/viewer
+  QGIS / WMTS, all collections {base}/WMTSCapabilities.xml
   API docs         {root}/api.html
   collection viewer {base}/collections/{coll}/WebMercatorQuad/map.html?preset=natural
   item viewer      {base}/collections/{coll}/items/{item}/WebMercatorQuad/map.html?preset=pansharpened
