@@ -135,7 +135,9 @@ def migrate(dsn: str | None, readers: tuple[str, ...], revokers: tuple[str, ...]
         for role in revokers:
             conn.execute(sql.SQL("GRANT USAGE ON SCHEMA tiler_auth TO {}").format(sql.Identifier(role)))
             conn.execute(
-                sql.SQL("GRANT SELECT, INSERT ON tiler_auth.revoked_tokens TO {}").format(sql.Identifier(role))
+                sql.SQL("GRANT SELECT, INSERT ON tiler_auth.revoked_tokens TO {}").format(
+                    sql.Identifier(role)
+                )
             )
             click.echo(f"granted token revocations to {role}")
 
