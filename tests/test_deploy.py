@@ -293,8 +293,12 @@ def test_connection_budget(rendered):
     tiler = int(env["TILER_DB_MAX_CONN"]) * int(env["WEB_CONCURRENCY"]) * hpa["maxReplicas"]
     limits = {r["name"]: r.get("connectionLimit", 10**6) for r in cluster["managed"]["roles"]}
     assert tiler <= limits["tiler"]
-    stac_pool = 20  # stac-fastapi-pgstac's default DB_MAX_CONN_SIZE per replica
-    stac = stac_pool * res[("Deployment", "dinamis-stac")]["spec"]["replicas"]
+    stac_env = {
+        e["name"]: e.get("value") for e in container(rendered["production"], "dinamis-stac", "stac")["env"]
+    }
+    # stac-fastapi-pgstac opens a reader and a writer pool per replica
+    stac = 2 * int(stac_env["DB_MAX_CONN_SIZE"]) * res[("Deployment", "dinamis-stac")]["spec"]["replicas"]
+    assert stac <= limits["stac"]
     reserved = 3 + 10  # superuser_reserved_connections, operator + replication + migration job
     assert tiler + stac + reserved <= int(cluster["postgresql"]["parameters"]["max_connections"])
 
@@ -443,6 +447,10 @@ def test_every_env_var_is_read_by_the_settings(rendered):
             names |= set(res[("ConfigMap", src["configMapRef"]["name"])]["data"])
         unknown = names - known
         assert not unknown, f"{name}: variables no setting reads: {sorted(unknown)}"
+        # the STAC API gets the variables compose gives it (plus its pool sizes)
+        compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]["stac"]
+        stac = {e["name"] for e in container(resources, "dinamis-stac", "stac")["env"]}
+        assert stac - {"DB_MIN_CONN_SIZE", "DB_MAX_CONN_SIZE"} == set(compose["environment"])
 
 
 def test_tiler_config_files_and_secrets(rendered):
@@ -577,6 +585,7 @@ def test_database_roles_the_manifests_set_up(rendered, dsn, sample):
 
     with TestClient(create_app(make_settings(role_dsn(standby))), raise_server_exceptions=False) as c:
         assert c.get("/healthz").status_code == 200  # it connects and reads...
+        assert c.get("/collections").status_code == 200
         # ...but cannot serve mosaics on a read-only session (a query no cache has seen yet)
         r = c.get(mosaic_tile, params={"assets": "ms", "datetime": "1990-01-01T00:00:00Z/.."})
         assert r.status_code != 200
