@@ -127,7 +127,8 @@ def test_readyz_follows_storage(dsn, sample):
         assert c.get("/livez").status_code == 200
 
 
-def test_readyz_storage_results_are_cached(dsn, switchable):
+def test_readyz_storage_results_are_cached(dsn, switchable, caplog):
+    caplog.set_level("INFO", logger="tiler.readiness")
     url = f"http://127.0.0.1:{switchable.server_port}/probe.tif"
     with TestClient(app_with(dsn, [url], ttl=1.0)) as c:
         for _ in range(5):
@@ -142,6 +143,9 @@ def test_readyz_storage_results_are_cached(dsn, switchable):
         time.sleep(1.1)
         assert c.get("/readyz").status_code == 200
         assert switchable.hits == 3
+    # one line when the storage goes down, one when it is back (not one per probe)
+    lines = [r.getMessage() for r in caplog.records if r.name == "tiler.readiness"]
+    assert lines == [f"COG storage unreachable: {url} (503)", f"COG storage reachable again: {url}"]
 
 
 def test_storage_probe_shares_one_round_between_threads(switchable):

@@ -14,6 +14,7 @@ probes from load balancers and kubelets stay cheap whatever their rate.
 from __future__ import annotations
 
 import http.client
+import logging
 import threading
 import time
 import urllib.error
@@ -21,6 +22,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+logger = logging.getLogger(__name__)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -96,6 +99,7 @@ class StorageProbe:
         self._lock = threading.Lock()
         self._results: list[ProbeResult] = []
         self._at = float("-inf")
+        self._down: set[str] = set()
 
     def check(self) -> list[ProbeResult]:
         """Results no older than ``ttl``; concurrent callers share one round of probes."""
@@ -109,4 +113,10 @@ class StorageProbe:
                     with ThreadPoolExecutor(max_workers=min(8, len(self.urls))) as pool:
                         self._results = list(pool.map(lambda u: probe(u, self.timeout), self.urls))
                 self._at = time.monotonic()
+                for r in self._results:
+                    if not r.ok and r.url not in self._down:
+                        logger.warning("COG storage unreachable: %s (%s)", r.url, r.error or r.status)
+                    elif r.ok and r.url in self._down:
+                        logger.info("COG storage reachable again: %s", r.url)
+                self._down = {r.url for r in self._results if not r.ok}
             return list(self._results)
