@@ -98,8 +98,22 @@ def sample_data(directory: Path, base_url: str, scenes: int, size: int) -> None:
 
 @cli.command()
 @click.option("--dsn", envvar="DATABASE_URL", help="pgstac DSN (superuser or pgstac_admin).")
-def migrate(dsn: str | None) -> None:
-    """Install or upgrade the pgstac schema."""
+@click.option(
+    "--grant-reader",
+    "readers",
+    multiple=True,
+    metavar="ROLE",
+    help="Grant pgstac_read to an existing ROLE (the tiler's, the STAC API's). Repeatable.",
+)
+@click.option(
+    "--grant-revocations",
+    "revokers",
+    multiple=True,
+    metavar="ROLE",
+    help="Let ROLE read and add token revocations (the tiler's role). Repeatable.",
+)
+def migrate(dsn: str | None, readers: tuple[str, ...], revokers: tuple[str, ...]) -> None:
+    """Install or upgrade the pgstac schema and the token revocation table; grant roles."""
     from pypgstac.db import PgstacDB
     from pypgstac.migrate import Migrate
 
@@ -110,10 +124,22 @@ def migrate(dsn: str | None) -> None:
     with PgstacDB(dsn=dsn) as db:
         click.echo(f"pgstac {Migrate(db).run_migration()}")
     import psycopg
+    from psycopg import sql
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(RevocationList.DDL)
-    click.echo("tiler_auth.revoked_tokens ready")
+        click.echo("tiler_auth.revoked_tokens ready")
+        for role in readers:
+            conn.execute(sql.SQL("GRANT pgstac_read TO {}").format(sql.Identifier(role)))
+            click.echo(f"granted pgstac_read to {role}")
+        for role in revokers:
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA tiler_auth TO {}").format(sql.Identifier(role)))
+            conn.execute(
+                sql.SQL("GRANT SELECT, INSERT ON tiler_auth.revoked_tokens TO {}").format(
+                    sql.Identifier(role)
+                )
+            )
+            click.echo(f"granted token revocations to {role}")
 
 
 @cli.command("apikey")

@@ -64,6 +64,7 @@ from tiler.dependencies import (
 from tiler.errors import register_error_handlers
 from tiler.factory import mosaicThumbnailExtension, thumbnailExtension
 from tiler.reader import ItemReader, MosaicBackend, MosaicItemReader
+from tiler.readiness import StorageProbe
 from tiler.routes import catalogue_router, presets_router
 from tiler.settings import Settings
 from tiler.tms import bbox_in_tms, supported_tms
@@ -355,7 +356,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     @app.get(
         "/healthz",
         tags=["Health"],
-        summary="Readiness: database reachable; versions. 503 when the database is down.",
+        summary="Health: database reachable (1 s ping); versions. 503 when the database is down.",
         responses={503: {"description": "Database unreachable"}},
     )
     def healthz(request: Request) -> JSONResponse:
@@ -369,7 +370,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         }
         return JSONResponse(body, status_code=200 if ok else 503, headers={"Cache-Control": "no-store"})
 
-    app.add_api_route("/readyz", healthz, methods=["GET"], tags=["Health"], include_in_schema=False)
+    storage = StorageProbe(api.readiness_probe_urls, api.readiness_probe_timeout, api.readiness_cache_ttl)
+
+    @app.get(
+        "/readyz",
+        tags=["Health"],
+        summary="Readiness: database and COG storage reachable. 503 naming the failed check otherwise.",
+        responses={503: {"description": "Database or COG storage unreachable"}},
+    )
+    def readyz(request: Request) -> JSONResponse:
+        db_ok = database_ok(request.app.state.dbpool)
+        probes = storage.check()
+        failed = (["database"] if not db_ok else []) + (["storage"] if not all(p.ok for p in probes) else [])
+        body = {
+            "status": "not ready" if failed else "ready",
+            "failed": failed,
+            "checks": {"database": {"reachable": db_ok}, "storage": [p.as_dict() for p in probes]},
+        }
+        return JSONResponse(body, status_code=503 if failed else 200, headers={"Cache-Control": "no-store"})
 
     def _respond(request: Request, f: str | None, data: dict, template: str, title: str):
         if f:

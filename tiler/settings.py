@@ -44,10 +44,35 @@ class ApiSettings(BaseSettings):
     root_path: str = ""
     debug: bool = False
     enable_assets_endpoints: bool = True
+    readiness_probe_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated http(s) URLs on the COG storage that `/readyz` probes (a 1-byte range "
+            "GET, without credentials: any answer below 500, 401/403 included, counts as reachable)."
+        ),
+    )
+    readiness_probe_timeout: float = Field(
+        default=2.0, gt=0, le=30, description="Seconds each storage probe may take."
+    )
+    readiness_cache_ttl: float = Field(
+        default=5.0, ge=0, description="Seconds a storage probe result is reused by `/readyz`."
+    )
 
     model_config = SettingsConfigDict(env_prefix="TILER_API_", extra="ignore")
 
-    _split = field_validator("cors_origins", mode="before")(_split_csv)
+    _split = field_validator("cors_origins", "readiness_probe_urls", mode="before")(_split_csv)
+
+    @field_validator("readiness_probe_urls")
+    @classmethod
+    def _check_probe_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+                raise ValueError(
+                    "TILER_API_READINESS_PROBE_URLS entries must be http(s) URLs with a host and no "
+                    "user info (for s3:// storage give the bucket's https endpoint)"
+                )
+        return urls
 
 
 class DatabaseSettings(BaseSettings):
