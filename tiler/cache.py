@@ -154,7 +154,9 @@ def cache_key(request: Request) -> str:
     return f"{request.method} {get_route_path(request.scope)}?{urlencode(query)}"
 
 
-def _etag_matches(header: str, etag: str) -> bool:
+def not_modified(request: Request, etag: str) -> bool:
+    """True when the request's ``If-None-Match`` matches ``etag`` (answer 304)."""
+    header = request.headers.get("if-none-match", "")
     return any(tag.strip() in (etag, f"W/{etag}", "*") for tag in header.split(",") if tag.strip())
 
 
@@ -188,7 +190,7 @@ class CachedRoute(APIRoute):
                 await run_in_threadpool(authorize, request)
                 cache.count(hit=True)
                 etag = dict(entry.headers).get(b"etag")
-                if etag and _etag_matches(request.headers.get("if-none-match", ""), etag.decode("latin-1")):
+                if etag and not_modified(request, etag.decode("latin-1")):
                     return Response(status_code=304, headers={"ETag": etag.decode("latin-1")})
                 response = Response(entry.body, status_code=entry.status)
                 response.raw_headers = [
