@@ -150,6 +150,7 @@ def test_expired_signature_is_refreshed_once(upstream_client, sample, archive):
     c = upstream_client
     SIGNER.update(current="v1", cache={}, calls=[])
     archive.accepted = "v1"
+    c.app.state.tile_cache.clear()  # earlier tests rendered this tile: read it from the archive
     r = c.get(f"/collections/{C}/items/C-signed/{_tile(sample)}", params=RGB)
     assert r.status_code == 200, (r.text, archive.seen[-5:], SIGNER)
     assert SIGNER["calls"] and not any(SIGNER["calls"])
@@ -157,6 +158,7 @@ def test_expired_signature_is_refreshed_once(upstream_client, sample, archive):
     archive.accepted = SIGNER["current"] = "v2"
     archive.seen.clear()
     clear_http_cache()  # as if GDAL had evicted the blocks: the next read goes to the archive
+    c.app.state.tile_cache.clear()  # and the tile cache its tiles
     r = c.get(f"/collections/{C}/items/C-signed/{_tile(sample, z=16)}", params=RGB)
     assert r.status_code == 200, r.text
     assert True in SIGNER["calls"]  # signed again with refresh=True
@@ -169,6 +171,7 @@ def test_expired_signature_is_refreshed_once(upstream_client, sample, archive):
     archive.accepted = "v9"
     SIGNER.update(current="v3", cache={}, calls=[])
     clear_http_cache()
+    c.app.state.tile_cache.clear()
     r = c.get(f"/collections/{C}/items/C-signed/{_tile(sample, z=14)}", params=RGB)
     assert r.status_code == 502 and "sig=" not in r.text
     assert SIGNER["calls"].count(True) == 1

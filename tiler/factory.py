@@ -23,6 +23,7 @@ from titiler.core.factory import FactoryExtension
 from titiler.core.resources.enums import ImageType
 
 from tiler import __version__
+from tiler.cache import not_modified
 from tiler.dependencies import newest_item
 
 WEB_MERCATOR = CRS.from_epsg(3857)
@@ -34,11 +35,6 @@ MAX_THUMBNAIL_SIZE = 1024
 def _etag(*parts: Any) -> str:
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     return f'"{digest[:32]}"'
-
-
-def _not_modified(request: Request, etag: str) -> bool:
-    header = request.headers.get("if-none-match", "")
-    return any(tag.strip() in (etag, f"W/{etag}", "*") for tag in header.split(","))
 
 
 def _signature(request: Request) -> list[tuple[str, str]]:
@@ -111,7 +107,7 @@ class thumbnailExtension(FactoryExtension):  # noqa: N801 - titiler naming
                 render_params.as_dict(),
             )
             headers = {"ETag": etag}
-            if _not_modified(request, etag):
+            if not_modified(request, etag):
                 return Response(status_code=304, headers=headers)
             with rasterio.Env(**env):
                 with factory.reader(item, **reader_params.as_dict()) as src:
@@ -182,7 +178,7 @@ class mosaicThumbnailExtension(FactoryExtension):  # noqa: N801 - titiler naming
                 render_params.as_dict(),
             )
             headers = {"ETag": etag}
-            if _not_modified(request, etag):
+            if not_modified(request, etag):
                 return Response(status_code=304, headers=headers)
             options = assets_accessor_params.as_dict()
             options["items_limit"] = min(

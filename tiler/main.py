@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 import jinja2
 import rasterio
-from fastapi import Depends, FastAPI, Query
+from fastapi import APIRouter, Depends, FastAPI, Query
 from pydantic import ValidationError
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -45,7 +45,7 @@ from titiler.pgstac.factory import (
 
 from tiler import __version__
 from tiler.access import Authenticator, UrlTokenMiddleware, auth_router, authorize, restricted_search_params
-from tiler.cache import CachePolicyMiddleware
+from tiler.cache import CachedRoute, CachePolicyMiddleware, TileCache
 from tiler.db import database_ok, open_pool, pgstac_version
 from tiler.dependencies import (
     AssetIdParams,
@@ -175,6 +175,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
             presets_for(app.state.dbpool, collection_id=item.collection_id, item_id=item.id, item=item)
         )
 
+    app.state.tile_cache = (
+        TileCache(
+            max_bytes=int(settings.cache.max_mb * 1024 * 1024),
+            ttl=settings.cache.ttl,
+            max_entry_bytes=int(settings.cache.max_entry_kb * 1024),
+        )
+        if settings.cache.enabled
+        else None
+    )
     app.state.auth = Authenticator(settings.auth, lambda: app.state.dbpool) if settings.auth.enabled else None
     update_openapi(app)
     register_error_handlers(app)
@@ -222,6 +231,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         path_dependency, prefix: str, layer_id=lambda search_id: search_id
     ) -> MosaicTilerFactory:
         return MosaicTilerFactory(
+            router=APIRouter(route_class=CachedRoute),
             path_dependency=path_dependency,
             router_prefix=prefix,
             backend=MosaicBackend,
@@ -273,6 +283,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
 
     # single STAC items
     items = MultiBaseTilerFactory(
+        router=APIRouter(route_class=CachedRoute),
         reader=ItemReader,
         path_dependency=ItemParams,
         router_prefix="/collections/{collection_id}/items/{item_id}",
@@ -298,6 +309,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     # single assets of STAC items
     if api.enable_assets_endpoints:
         assets = TilerFactory(
+            router=APIRouter(route_class=CachedRoute),
             reader=SigningReader,
             path_dependency=AssetIdParams,
             router_prefix="/collections/{collection_id}/items/{item_id}/assets/{asset_id}",
@@ -317,6 +329,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     # COGs by URL, allow-listed (off by default)
     if settings.cog.enabled:
         cog = TilerFactory(
+            router=APIRouter(route_class=CachedRoute),
             path_dependency=cog_url_dependency(settings.cog),
             router_prefix="/cog",
             add_viewer=True,

@@ -10,6 +10,7 @@ Environment variables (see README's table):
 * ``TILER_AUTH_*``: who may see what (identity provider, API keys, policy,
   signed URL tokens).
 * ``TILER_UPSTREAM_*``: credentials the server presents to COG hosts.
+* ``TILER_CACHE_*``: the in-process cache of rendered tiles.
 
 titiler-pgstac reads a few of its own variables (``TITILER_PGSTAC_CACHE_*``,
 ``TITILER_PGSTAC_SEARCH_*``, ``MOSAIC_CONCURRENCY``); they keep working.
@@ -276,6 +277,21 @@ class UpstreamSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TILER_UPSTREAM_", extra="ignore")
 
 
+class TileCacheSettings(BaseSettings):
+    """The in-process cache of rendered tiles (one per worker process)."""
+
+    enabled: bool = True
+    max_mb: float = Field(
+        default=128, gt=0, description="Memory the cache may hold per worker process, MiB (LRU past it)."
+    )
+    ttl: float = Field(
+        default=300, gt=0, description="Seconds a rendered tile is served again before it is rendered anew."
+    )
+    max_entry_kb: float = Field(default=2048, gt=0, description="Larger answers (KiB) are not kept.")
+
+    model_config = SettingsConfigDict(env_prefix="TILER_CACHE_", extra="ignore")
+
+
 class Settings(BaseSettings):
     """All settings of one application instance."""
 
@@ -285,5 +301,6 @@ class Settings(BaseSettings):
     gdal: GdalSettings = Field(default_factory=GdalSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    cache: TileCacheSettings = Field(default_factory=TileCacheSettings)
 
     model_config = SettingsConfigDict(extra="ignore")
