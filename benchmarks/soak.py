@@ -24,7 +24,6 @@ import random
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,6 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from urllib.parse import urlencode
 
 import morecantile
 
@@ -63,7 +61,7 @@ def rss_kib(pid: int) -> tuple[int, int]:
 
 
 def workers_of(pid: int) -> list[int]:
-    """uvicorn's worker processes: children of ``pid`` other than multiprocessing's helpers."""
+    """Uvicorn's worker processes: children of ``pid`` other than multiprocessing's helpers."""
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
