@@ -1,4 +1,4 @@
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean soak
 
 setup:
 	bash scripts/setup.sh
@@ -11,6 +11,10 @@ demo: setup
 test:
 	bash scripts/setup.sh test
 	.venv/bin/python -m pytest -q -p no:cacheprovider
+
+## Several minutes of mixed and hostile load against `tiler serve`, RSS per worker ($SOAK_ARGS)
+soak: setup
+	.venv/bin/python benchmarks/soak.py $(SOAK_ARGS)
 
 lint: setup
 	.venv/bin/python -m pip install -q ruff
