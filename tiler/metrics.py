@@ -371,11 +371,8 @@ class ObservabilityMiddleware:
                 headers["Server-Timing"] = f"{timing}, {db}" if timing else db
             await send(message)
 
-        try:
+        try:  # an unhandled error is logged by the server, with this request's id (same task)
             await self.app(scope, receive, send_wrapper)
-        except Exception:
-            logger.exception("unhandled error")
-            raise
         finally:
             self._account(scope, status, time.perf_counter() - start, headers, stats)
 
