@@ -392,3 +392,39 @@ def test_two_workers_share_metrics_and_log_json(cluster, dsn, tmp_path):
     access = [line for line in lines if line["logger"] == "tiler.access" and line["route"] == "/livez"]
     assert len(access) >= 20 + before
     assert not [line for line in lines if line["logger"] == "uvicorn.access"]
+
+
+def test_unhandled_error_answers_json_500_with_request_id(access_lines):
+    """A bug in an endpoint: JSON 500 with the request id, and the server's traceback line carries it."""
+    from fastapi import FastAPI
+
+    from tiler.metrics import ObservabilityMiddleware
+
+    app = FastAPI()
+
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError("kaboom token=s3cr3t")
+
+    app.add_middleware(ObservabilityMiddleware)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        r = httpx.get(f"http://127.0.0.1:{port}/boom", headers={"X-Request-ID": "boom-1"}, timeout=10)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert r.status_code == 500 and r.json() == {"detail": "Internal Server Error"}
+    assert r.headers["x-request-id"] == "boom-1"
+    mine = [line for line in access_lines() if line.get("request_id") == "boom-1"]
+    assert [line["status"] for line in mine if line["logger"] == "tiler.access"] == [500]
+    errors = [line for line in mine if "error" in line]
+    assert errors and "kaboom" in errors[0]["error"] and "s3cr3t" not in errors[0]["error"]

@@ -306,6 +306,13 @@ def metrics_router(settings: ObservabilitySettings, pool_getter: Callable[[], An
 # --------------------------------------------------------------------------- the middleware
 
 
+_ERROR_BODY = b'{"detail":"Internal Server Error"}'
+
+
+#: (method, route, status) -> (request counter, latency histogram) children; bounded by the routes.
+_CHILDREN: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+
 def route_template(scope: Scope) -> str:
     """The matched route's full path template (``<unmatched>`` when no route matched).
 
@@ -371,8 +378,14 @@ class ObservabilityMiddleware:
                 headers["Server-Timing"] = f"{timing}, {db}" if timing else db
             await send(message)
 
-        try:  # an unhandled error is logged by the server, with this request's id (same task)
+        try:
             await self.app(scope, receive, send_wrapper)
+        except Exception:
+            if headers is None:  # answer here, so the 500 carries the request id too
+                head = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(_ERROR_BODY))]
+                await send_wrapper({"type": "http.response.start", "status": 500, "headers": head})
+                await send_wrapper({"type": "http.response.body", "body": _ERROR_BODY})
+            raise  # the server logs it, with this request's id (same task)
         finally:
             self._account(scope, status, time.perf_counter() - start, headers, stats)
 
@@ -383,8 +396,12 @@ class ObservabilityMiddleware:
         route = route_template(scope)
         method = scope["method"] if scope["method"] in _METHODS else "OTHER"
         code = str(status)
-        REQUESTS.labels(method=method, route=route, status=code).inc()
-        LATENCY.labels(method=method, route=route, status=code).observe(seconds)
+        key = (method, route, code)
+        children = _CHILDREN.get(key)
+        if children is None:  # labels() costs a lock and a lookup: keep the pair per series
+            children = _CHILDREN[key] = (REQUESTS.labels(*key), LATENCY.labels(*key))
+        children[0].inc()
+        children[1].observe(seconds)
         ORIGIN.harvest(force=False)
         fields: dict[str, Any] = {
             "method": method,
