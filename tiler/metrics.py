@@ -85,7 +85,8 @@ TILE_CACHE = Counter(
     "tiler_tile_cache_requests_total", "Tile response cache lookups (hit or miss).", ["result"]
 )
 PGSTAC_QUERY = Histogram(
-    "tiler_pgstac_query_duration_seconds", "Time of each query to the pgstac database.", buckets=DB_BUCKETS
+    "tiler_pgstac_query_duration_seconds",
+    "Time of each query to the pgstac database (the pool's checkout check included).",, buckets=DB_BUCKETS
 )
 ORIGIN_REQUESTS = Counter(
     "tiler_origin_requests_total",
