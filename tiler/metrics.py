@@ -86,7 +86,8 @@ TILE_CACHE = Counter(
 )
 PGSTAC_QUERY = Histogram(
     "tiler_pgstac_query_duration_seconds",
-    "Time of each query to the pgstac database (the pool's checkout check included).",, buckets=DB_BUCKETS
+    "Time of each query to the pgstac database (the pool's checkout check included).",
+    buckets=DB_BUCKETS,
 )
 ORIGIN_REQUESTS = Counter(
     "tiler_origin_requests_total",
