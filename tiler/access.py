@@ -74,6 +74,9 @@ PUBLIC_ROUTES = {
     "/viewer",
 }
 
+#: Routes that check the caller themselves, before any credential is parsed (their own token).
+SELF_GUARDED_ROUTES = {"/metrics"}
+
 _DATA_ROUTE_PREFIXES = ("/point/", "/bbox/", "/feature", "/statistics", "/part")
 WEB_MERCATOR_CELL_Z0 = 2 * math.pi * 6378137 / 256
 METRES_PER_DEGREE = 111_320.0
@@ -417,6 +420,8 @@ def authorize(request: Request) -> None:
     """Application-wide dependency: find the caller and enforce the policy."""
     auth: Authenticator | None = getattr(request.app.state, "auth", None)
     if auth is None:  # access control disabled
+        return
+    if getattr(request.scope.get("route"), "path", None) in SELF_GUARDED_ROUTES:
         return
     try:
         principal = auth.principal(request)

@@ -16,8 +16,10 @@ from tiler.logs import configure_logging
 
 @click.group()
 @click.option("--log-level", default="INFO", show_default=True, help="Python log level.")
-def cli(log_level: str) -> None:
+@click.pass_context
+def cli(ctx: click.Context, log_level: str) -> None:
     """dinamis-tiler: dynamic tiles for SPOT 6/7 and Pléiades imagery in pgstac."""
+    ctx.obj = {"log_level": log_level}
     configure_logging(log_level)
 
 
@@ -27,7 +29,8 @@ def cli(log_level: str) -> None:
     "--port", default=lambda: int(os.environ.get("PORT", "8000")), show_default="8000 or $PORT", type=int
 )
 @click.option("--workers", default=1, show_default=True, type=int)
-def serve(host: str, port: int, workers: int) -> None:
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
     """Serve an existing pgstac database (DATABASE_URL or PG* variables)."""
     import uvicorn
     from pydantic import ValidationError
@@ -35,12 +38,21 @@ def serve(host: str, port: int, workers: int) -> None:
     from tiler.settings import Settings
 
     try:
-        Settings()
+        settings = Settings()
     except ValidationError as e:
         msgs = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
         raise click.ClickException(f"invalid settings: {msgs}") from None
+    configure_logging(ctx.obj["log_level"], fmt=settings.observability.log_format)
 
-    uvicorn.run("tiler.main:create_app", factory=True, host=host, port=port, workers=workers, log_config=None)
+    uvicorn.run(
+        "tiler.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        access_log=False,  # tiler.access writes one line per request, with its id
+    )
 
 
 @cli.command()
@@ -189,8 +201,11 @@ def demo(port: int, data_dir: Path, pg_port: int, cog_port: int, scenes: int, si
 
     from tiler.embedded import LocalCluster
     from tiler.ingest import load
+    from tiler.metrics import ORIGIN
     from tiler.rangeserver import RangeHTTPServer
     from tiler.sample import COLLECTION_ID, generate
+
+    ORIGIN.enable()  # before ingest reads the COGs: GDAL decides once whether to count
 
     log = logging.getLogger("tiler.demo")
     data_dir = data_dir.resolve()
@@ -257,7 +272,7 @@ Ctrl-C stops the tile server, the COG server and PostgreSQL.
 
     signal.signal(signal.SIGTERM, _stop)
     try:
-        uvicorn.run(app, host="127.0.0.1", port=port, log_config=None)
+        uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
     except KeyboardInterrupt:
         pass
     finally:

@@ -3,12 +3,37 @@
 from __future__ import annotations
 
 import logging
+import time
+from typing import Any
 
+from psycopg import Connection, Cursor
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from tiler import metrics
 from tiler.settings import DatabaseSettings
 
 logger = logging.getLogger(__name__)
+
+
+class TimedCursor(Cursor):
+    """A cursor that reports the time of each query (`tiler.metrics.observe_query`)."""
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        """Execute, timed (client-side cursors fetch the whole result here)."""
+        t0 = time.perf_counter()
+        try:
+            return super().execute(*args, **kwargs)
+        finally:
+            metrics.observe_query(time.perf_counter() - t0)
+
+
+class TimedConnection(Connection):
+    """Connections whose cursors are `TimedCursor`: titiler-pgstac's queries are timed too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """A psycopg connection with ``cursor_factory`` set to `TimedCursor`."""
+        super().__init__(*args, **kwargs)
+        self.cursor_factory = TimedCursor
 
 
 def open_pool(settings: DatabaseSettings) -> ConnectionPool:
@@ -24,6 +49,7 @@ def open_pool(settings: DatabaseSettings) -> ConnectionPool:
         timeout=settings.pool_timeout,
         max_idle=settings.max_idle,
         check=ConnectionPool.check_connection,
+        connection_class=TimedConnection,
         kwargs={
             "options": "-c search_path=pgstac,public -c application_name=dinamis-tiler",
             "connect_timeout": settings.connect_timeout,

@@ -29,8 +29,9 @@ from titiler.core.factory import (
     TilerFactory,
     TMSFactory,
 )
+from titiler.core.middleware import TotalTimeMiddleware
 from titiler.core.models.OGC import Conformance, Landing
-from titiler.core.resources.enums import MediaType
+from titiler.core.resources.enums import MediaType, OptionalHeader
 from titiler.core.utils import accept_media_type, create_html_response, update_openapi
 from titiler.extensions import stacRenderExtension, wmtsExtension
 from titiler.mosaic.extensions.wmts import wmtsExtension as mosaicWmtsExtension
@@ -63,6 +64,9 @@ from tiler.dependencies import (
 )
 from tiler.errors import register_error_handlers
 from tiler.factory import mosaicThumbnailExtension, thumbnailExtension
+from tiler.limits import RenderLimiter, render_slot
+from tiler.logs import configure_logging
+from tiler.metrics import ORIGIN, ObservabilityMiddleware, metrics_router
 from tiler.reader import ItemReader, MosaicBackend, MosaicItemReader
 from tiler.readiness import StorageProbe
 from tiler.routes import catalogue_router, presets_router
@@ -128,6 +132,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     """Build the FastAPI application for ``settings`` (from the environment by default)."""
     settings = settings or Settings()
     api = settings.api
+    obs = settings.observability
+    configure_logging(fmt=obs.log_format, if_unconfigured=True)  # e.g. under gunicorn
+    if obs.metrics_enabled:
+        ORIGIN.enable()
     templates = _templates()
     env_dep = gdal_env_dependency(settings.gdal)
     credentials = load_credentials(settings.upstream.credentials_file)
@@ -165,8 +173,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         docs_url="/api.html",
         root_path=api.root_path,
         lifespan=lifespan,
-        dependencies=[Depends(authorize)],
+        # render_slot first: a refused render costs no thread and no database connection
+        dependencies=[Depends(render_slot, scope="function"), Depends(authorize)],
     )
+    app.state.render_limiter = RenderLimiter(api.max_renders, api.render_queue, api.queue_timeout)
 
     def renders_from_item(src: Any) -> dict:
         """WMTS layers of an item (``src``: `ItemReader`): its presets."""
@@ -212,6 +222,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         private=settings.auth.private_cachecontrol,
         exclude=NOT_CACHED,
     )
+    app.add_middleware(TotalTimeMiddleware)
+    app.add_middleware(ObservabilityMiddleware)  # inside UrlTokenMiddleware: sees the routed scope
     app.add_middleware(UrlTokenMiddleware)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
@@ -246,6 +258,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
             assets_accessor_dependency=MosaicAssetsParams,
             environment_dependency=env_dep,
             supported_tms=supported_tms,
+            optional_headers=[OptionalHeader.server_timing, OptionalHeader.x_assets],
             extensions=[
                 searchInfoExtension(),
                 mosaicWmtsExtension(templates=templates, layer_identifier_provider=layer_id),
@@ -342,6 +355,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         conforms_to |= cog.conforms_to
 
     app.include_router(auth_router())
+    if obs.metrics_enabled:
+        app.include_router(metrics_router(obs, lambda: getattr(app.state, "dbpool", None)))
     app.include_router(presets_router())
     app.include_router(catalogue_router(templates))
 

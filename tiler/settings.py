@@ -11,6 +11,7 @@ Environment variables (see README's table):
   signed URL tokens).
 * ``TILER_UPSTREAM_*``: credentials the server presents to COG hosts.
 * ``TILER_CACHE_*``: the in-process cache of rendered tiles.
+* ``TILER_METRICS_*``, ``TILER_LOG_FORMAT``: Prometheus metrics and logs.
 
 titiler-pgstac reads a few of its own variables (``TITILER_PGSTAC_CACHE_*``,
 ``TITILER_PGSTAC_SEARCH_*``, ``MOSAIC_CONCURRENCY``); they keep working.
@@ -18,7 +19,8 @@ titiler-pgstac reads a few of its own variables (``TITILER_PGSTAC_CACHE_*``,
 
 from __future__ import annotations
 
-from typing import Annotated
+import os
+from typing import Annotated, Literal
 from urllib.parse import quote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -57,6 +59,19 @@ class ApiSettings(BaseSettings):
     )
     readiness_cache_ttl: float = Field(
         default=5.0, ge=0, description="Seconds a storage probe result is reused by `/readyz`."
+    )
+    max_renders: int = Field(
+        default_factory=lambda: 2 * (os.cpu_count() or 1),
+        ge=1,
+        description="Renders (requests that read pixels) in flight per worker; default 2 x cores.",
+    )
+    render_queue: int = Field(
+        default=16,
+        ge=0,
+        description="Renders that may wait for a slot; past it the answer is 503 with Retry-After at once.",
+    )
+    queue_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds a queued render waits for a slot before a 503."
     )
 
     model_config = SettingsConfigDict(env_prefix="TILER_API_", extra="ignore")
@@ -292,6 +307,41 @@ class TileCacheSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TILER_CACHE_", extra="ignore")
 
 
+class ObservabilitySettings(BaseSettings):
+    """Prometheus metrics at ``/metrics`` and the log format."""
+
+    metrics_enabled: bool = Field(default=True, description="Serve `/metrics` (Prometheus text format).")
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token that opens `/metrics` from any address (`Authorization: Bearer <token>`).",
+    )
+    metrics_allow: Annotated[list[str], NoDecode] = Field(
+        default=["127.0.0.0/8", "::1/128"],
+        description="Comma-separated networks that may read `/metrics` without the token.",
+    )
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="`json`: one JSON object per line; `text`: human-readable lines."
+    )
+    prometheus_multiproc_dir: str | None = Field(
+        default=None,
+        validation_alias="PROMETHEUS_MULTIPROC_DIR",
+        description="prometheus_client's multiprocess directory (several workers): `/metrics` sums them.",
+    )
+
+    model_config = SettingsConfigDict(env_prefix="TILER_", extra="ignore", populate_by_name=True)
+
+    _split = field_validator("metrics_allow", mode="before")(_split_csv)
+
+    @field_validator("metrics_allow")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for net in v:
+            ipaddress.ip_network(net, strict=False)  # ValueError names the bad entry
+        return v
+
+
 class Settings(BaseSettings):
     """All settings of one application instance."""
 
@@ -302,5 +352,6 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     cache: TileCacheSettings = Field(default_factory=TileCacheSettings)
+    observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
 
     model_config = SettingsConfigDict(extra="ignore")
