@@ -46,7 +46,8 @@ from titiler.pgstac.factory import (
 from tiler import __version__
 from tiler.access import Authenticator, UrlTokenMiddleware, auth_router, authorize, restricted_search_params
 from tiler.cache import CachePolicyMiddleware
-from tiler.db import database_ok, open_pool, pgstac_version
+from tiler.db import connection_budget, database_ok, open_pool, pgstac_version
+from tiler.deadline import DeadlineMiddleware
 from tiler.dependencies import (
     AssetIdParams,
     ColorMapParams,
@@ -63,6 +64,7 @@ from tiler.dependencies import (
 )
 from tiler.errors import register_error_handlers
 from tiler.factory import mosaicThumbnailExtension, thumbnailExtension
+from tiler.logs import redact_library_logs
 from tiler.reader import ItemReader, MosaicBackend, MosaicItemReader
 from tiler.routes import catalogue_router, presets_router
 from tiler.settings import Settings
@@ -126,6 +128,7 @@ def _renders_from_search(src: Any) -> dict:
 def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     """Build the FastAPI application for ``settings`` (from the environment by default)."""
     settings = settings or Settings()
+    settings.check_deadlines()
     api = settings.api
     templates = _templates()
     env_dep = gdal_env_dependency(settings.gdal)
@@ -141,7 +144,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.dbpool = open_pool(settings.db)
+        app.state.dbpool = open_pool(settings.db, statement_timeout=api.request_timeout)
+        problem = connection_budget(app.state.dbpool, settings.db)
+        if problem and settings.db.strict_budget:
+            app.state.dbpool.close()
+            raise RuntimeError(f"refusing to start (TILER_DB_STRICT_BUDGET): {problem}")
+        if problem:
+            logger.warning("database connection budget exceeded: %s", problem)
         install(credentials)
         set_signers(credentials)
         if app.state.auth is not None:
@@ -177,6 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     app.state.auth = Authenticator(settings.auth, lambda: app.state.dbpool) if settings.auth.enabled else None
     update_openapi(app)
     register_error_handlers(app)
+    redact_library_logs()
     app.add_exception_handler(
         ValidationError,
         lambda request, exc: JSONResponse(
@@ -184,6 +194,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         ),
     )
 
+    # innermost: the 504 still goes through CORS, cache policy and compression
+    app.state.late_requests = set()  # requests answered 504 whose render still runs
+    app.add_middleware(DeadlineMiddleware, timeout=api.request_timeout, abandoned=app.state.late_requests)
     if api.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -316,6 +329,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     # COGs by URL, allow-listed (off by default)
     if settings.cog.enabled:
         cog = TilerFactory(
+            reader=SigningReader,
             path_dependency=cog_url_dependency(settings.cog),
             router_prefix="/cog",
             add_viewer=True,
