@@ -1,6 +1,7 @@
 """A Range server on 127.0.0.1 that misbehaves on purpose, by the first path segment.
 
-``/ok/<file>`` serves the file; ``/403/``, ``/401/``, ``/404/`` answer that status;
+``/ok/<file>`` serves the file; ``/403/``, ``/401/``, ``/404/``, ``/429/``, ``/500/``, ``/502/``,
+``/504/`` answer that status;
 ``/flaky/`` answers 503 to the first ``flaky_failures`` requests for each file, then serves it
 (``/flaky3/``: the first 3);
 ``/busy/`` always answers 503; ``/hang/`` accepts and never answers (until the server stops);
@@ -31,6 +32,11 @@ class FaultHandler(RangeRequestHandler):
             count = self.server.counts[(mode, rest)] = self.server.counts.get((mode, rest), 0) + 1
         if mode in ("401", "403", "404"):
             self.send_error(int(mode))
+            return
+        if mode in ("429", "500", "502", "504"):
+            self.send_response(int(mode))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         failures = int(mode[5:] or self.server.flaky_failures) if mode.startswith("flaky") else 0
         if mode == "busy" or count <= failures:

@@ -43,6 +43,7 @@ from rio_tiler.io import Reader
 
 from tiler.auth import PolicyError, load_document
 from tiler.deadline import Budget
+from tiler.deadline import current as current_budget
 from tiler.errors import UpstreamError, classify_upstream, file_label
 
 logger = logging.getLogger(__name__)
@@ -250,11 +251,12 @@ class SigningReader(Reader):
     failure clears GDAL's cache for the file (`forget_failure`) and is raised as
     the `UpstreamError` its HTTP status or curl error says (`classify_upstream`),
     naming ``label`` (``item/asset``) and the file name, never the URL.
-    ``budget`` (the request's `tiler.deadline.Budget`) is checked before opening and reading.
+    ``budget`` (the request's `tiler.deadline.Budget`; in rio-tiler's worker threads the
+    STAC readers pass it) is checked before opening and reading.
     """
 
     label: str | None = attr.ib(default=None, kw_only=True)
-    budget: Budget | None = attr.ib(default=None, kw_only=True)
+    budget: Budget | None = attr.ib(factory=current_budget, kw_only=True)
     _signer: Signer | None = attr.ib(init=False, default=None)
     _href: str | None = attr.ib(init=False, default=None)
 
