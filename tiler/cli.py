@@ -37,6 +37,8 @@ def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
 
     from tiler.settings import Settings
 
+    # each worker's pool counts against the database's connection budget (tiler.db.connection_budget)
+    os.environ["TILER_DB_WORKERS"] = str(workers)
     try:
         settings = Settings()
     except ValidationError as e:

@@ -9,7 +9,7 @@ from typing import Any
 from psycopg import Connection, Cursor
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from tiler import metrics
+from tiler import deadline, metrics
 from tiler.settings import DatabaseSettings
 
 logger = logging.getLogger(__name__)
@@ -36,13 +36,43 @@ class TimedConnection(Connection):
         self.cursor_factory = TimedCursor
 
 
-def open_pool(settings: DatabaseSettings) -> ConnectionPool:
+class BudgetedPool(ConnectionPool):
+    """A pool where one request waits at most ``timeout`` seconds in all for connections.
+
+    titiler-pgstac retries a query up to 3 times on `OperationalError`, and `PoolTimeout` is
+    one: without this a request would wait 4 x the pool timeout while the database is down.
+    Here the waits of one request (its `tiler.deadline.Budget`) add up to at most the pool
+    timeout, and never past the request's deadline; once spent, the next wait fails at once
+    (503 with ``Retry-After``).
+    """
+
+    def getconn(self, timeout: float | None = None):
+        """`ConnectionPool.getconn` with the request's remaining pool-wait allowance."""
+        budget = deadline.current()
+        if budget is None:
+            return super().getconn(timeout)
+        allowance = budget.pool_wait_left
+        if allowance is None:
+            allowance = self.timeout
+        wait = min(timeout if timeout is not None else self.timeout, allowance, max(budget.remaining(), 0.0))
+        t0 = time.monotonic()
+        try:
+            return super().getconn(max(wait, 0.001))
+        finally:
+            budget.pool_wait_left = max(allowance - (time.monotonic() - t0), 0.0)
+
+
+def open_pool(settings: DatabaseSettings, statement_timeout: float | None = None) -> ConnectionPool:
     """Open a pool whose connections are checked on checkout.
 
     The server starts even when the database is down (the readiness endpoint
     says so and the pool reconnects by itself when it comes back).
+    ``statement_timeout`` (seconds, the request deadline) bounds every query.
     """
-    pool = ConnectionPool(
+    options = "-c search_path=pgstac,public -c application_name=dinamis-tiler"
+    if statement_timeout:
+        options += f" -c statement_timeout={int(statement_timeout * 1000)}"
+    pool = BudgetedPool(
         conninfo=settings.dsn,
         min_size=settings.min_conn,
         max_size=settings.max_conn,
@@ -51,7 +81,7 @@ def open_pool(settings: DatabaseSettings) -> ConnectionPool:
         check=ConnectionPool.check_connection,
         connection_class=TimedConnection,
         kwargs={
-            "options": "-c search_path=pgstac,public -c application_name=dinamis-tiler",
+            "options": options,
             "connect_timeout": settings.connect_timeout,
         },
         open=True,
@@ -83,3 +113,46 @@ def pgstac_version(pool: ConnectionPool, timeout: float = 1.0) -> str | None:
             return row[0] if row else None
     except Exception:  # noqa: BLE001
         return None
+
+
+def connection_budget(pool: ConnectionPool, settings: DatabaseSettings, timeout: float = 2.0) -> str | None:
+    """Compare the pools' worst case with the server's connection limit; a problem, or None.
+
+    Needed: ``TILER_DB_MAX_CONN`` x workers x replicas + other clients' connections.
+    Available: ``max_connections`` - ``superuser_reserved_connections`` (- ``reserved_connections``,
+    PostgreSQL 16+). Returns None when it fits or when the server cannot be asked now.
+    """
+    try:
+        with pool.connection(timeout=timeout) as conn:
+            rows = dict(
+                conn.execute(
+                    "SELECT name, setting::int FROM pg_settings WHERE name IN "
+                    "('max_connections', 'superuser_reserved_connections', 'reserved_connections')"
+                ).fetchall()
+            )
+    except Exception as e:  # noqa: BLE001 - the database may be down at start
+        logger.warning("could not check the database's connection budget: %s", type(e).__name__)
+        return None
+    available = rows.get("max_connections", 0) - rows.get("superuser_reserved_connections", 0)
+    available -= rows.get("reserved_connections", 0)
+    needed = settings.max_conn * settings.workers * settings.replicas + settings.other_connections
+    logger.info(
+        "database connection budget: %d needed (TILER_DB_MAX_CONN=%d x %d workers x %d replicas + %d other), "
+        "%d available",
+        needed,
+        settings.max_conn,
+        settings.workers,
+        settings.replicas,
+        settings.other_connections,
+        available,
+    )
+    if needed <= available:
+        return None
+    return (
+        f"the tiler's pools may open {needed} connections (TILER_DB_MAX_CONN={settings.max_conn} x "
+        f"TILER_DB_WORKERS={settings.workers} x TILER_DB_REPLICAS={settings.replicas} + "
+        f"TILER_DB_OTHER_CONNECTIONS={settings.other_connections}) but the database allows {available} "
+        f"(max_connections={rows.get('max_connections')} - reserved "
+        f"{rows.get('superuser_reserved_connections', 0) + rows.get('reserved_connections', 0)}): "
+        "lower TILER_DB_MAX_CONN or raise max_connections"
+    )

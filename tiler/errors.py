@@ -43,6 +43,47 @@ class PresetNotFound(InvalidPreset):
     """``preset=`` names no preset of this collection or item."""
 
 
+# --------------------------------------------------------------------------- deadlines, upstream faults
+
+
+class DeadlineExceeded(TilerError):
+    """The request ran past ``TILER_API_REQUEST_TIMEOUT`` (504)."""
+
+
+class RequestCancelled(TilerError):
+    """The client went away; the render stops (nobody reads the answer)."""
+
+
+class UpstreamError(TilerError):
+    """A COG host failed; ``asset`` names the file (never its query string or credentials)."""
+
+    def __init__(self, message: str, asset: str = "", upstream_status: int | None = None):
+        """Keep the asset label and the host's HTTP status for logs and the status table."""
+        super().__init__(message)
+        self.asset = asset
+        self.upstream_status = upstream_status
+
+
+class UpstreamNotFound(UpstreamError):
+    """The host says the file does not exist (404/410)."""
+
+
+class UpstreamRefused(UpstreamError):
+    """The host refused the server's credentials (401/403)."""
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The host stayed busy or unavailable (429/503) after GDAL's retries."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The host did not answer within GDAL's HTTP timeouts."""
+
+
+class UpstreamFailed(UpstreamError):
+    """Any other storage failure: 5xx, connection reset or closed mid-body, corrupt data."""
+
+
 STATUS_CODES: dict[type[Exception], int] = {
     **DEFAULT_STATUS_CODES,
     **MOSAIC_STATUS_CODES,
@@ -52,7 +93,19 @@ STATUS_CODES: dict[type[Exception], int] = {
     AssetNotFound: status.HTTP_404_NOT_FOUND,
     InvalidPansharpenParameters: status.HTTP_400_BAD_REQUEST,
     InvalidPreset: status.HTTP_400_BAD_REQUEST,
+    DeadlineExceeded: status.HTTP_504_GATEWAY_TIMEOUT,
+    RequestCancelled: 499,  # nginx's "client closed request": never seen by the client
+    UpstreamNotFound: status.HTTP_404_NOT_FOUND,
+    UpstreamRefused: status.HTTP_502_BAD_GATEWAY,
+    UpstreamUnavailable: status.HTTP_503_SERVICE_UNAVAILABLE,
+    UpstreamTimeout: status.HTTP_504_GATEWAY_TIMEOUT,
+    UpstreamFailed: status.HTTP_502_BAD_GATEWAY,
 }
+
+UPSTREAM_ERRORS = (UpstreamNotFound, UpstreamRefused, UpstreamUnavailable, UpstreamTimeout, UpstreamFailed)
+
+#: Retry-After (seconds) sent with these statuses.
+RETRY_AFTER = {status.HTTP_503_SERVICE_UNAVAILABLE: "5", status.HTTP_504_GATEWAY_TIMEOUT: "5"}
 
 _URL = re.compile(r"(?:https?|s3|gs|az)://[^\s'\"]+|/vsi\w+/[^\s'\"]+", re.IGNORECASE)
 
@@ -73,13 +126,61 @@ def shorten_urls(text: str) -> str:
     return _URL.sub(_short, text)
 
 
+_HTTP_CODE = re.compile(r"HTTP (?:response|error) code:? (\d{3})")
+_TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+_MISSING = re.compile(r"does not exist in the file system|No such file", re.IGNORECASE)
+
+
+def file_label(href: str) -> str:
+    """The file name of an href, without query string, fragment or host."""
+    path = href.split("?", 1)[0].split("#", 1)[0].rstrip("/")
+    return path.rsplit("/", 1)[-1] or "<dataset>"
+
+
+def classify_upstream(exc: BaseException, asset: str | None = None) -> UpstreamError:
+    """Our `UpstreamError` for a GDAL/rasterio read failure, by the HTTP status or curl error in it.
+
+    ``asset`` names what was read (``item/asset (file.tif)``); messages never carry URLs.
+    """
+    text = str(exc)
+    m = _HTTP_CODE.search(text)
+    code = int(m.group(1)) if m else None
+    what = f"asset {asset}" if asset else "the imagery"
+    if code in (404, 410) or (code is None and _MISSING.search(text)):
+        return UpstreamNotFound(f"{what[0].upper()}{what[1:]} was not found on its storage host.", asset or "", code)
+    if code in (401, 403):
+        return UpstreamRefused(
+            f"The storage host refused the server's credentials for {what} (HTTP {code}).", asset or "", code
+        )
+    if code in (429, 503):
+        return UpstreamUnavailable(
+            f"The storage host is unavailable for {what} (HTTP {code}, retried); retry later.", asset or "", code
+        )
+    if code is None and _TIMED_OUT.search(text):
+        return UpstreamTimeout(f"The storage host did not answer in time for {what}.", asset or "", None)
+    if code and code >= 300:
+        reason = f"HTTP {code}"
+    elif text.startswith("Read failed"):
+        reason = "the transfer failed or was cut short"
+    else:
+        reason = shorten_urls(text.splitlines()[0] if text else "")[:200]
+    return UpstreamFailed(f"Could not read {what} from its storage host: {reason}", asset or "", code)
+
+
 def _upstream_error(request: Request, exc: Exception) -> JSONResponse:
-    """A COG could not be read: the storage side failed, not the caller (502)."""
-    logger.warning("upstream read failed on %s: %s", request.url.path, shorten_urls(str(exc)))
-    return JSONResponse(
-        {"detail": f"Could not read the imagery: {shorten_urls(str(exc))}"},
-        status_code=status.HTTP_502_BAD_GATEWAY,
-    )
+    """A read failure no reader classified (e.g. a COG by URL): classified here, never a 500."""
+    return _fault(request, classify_upstream(exc))
+
+
+def _fault(request: Request, exc: Exception) -> JSONResponse:
+    """Deadlines and classified upstream failures: status from the table, Retry-After when transient."""
+    code = STATUS_CODES[type(exc)]
+    if isinstance(exc, UpstreamError):
+        logger.warning(
+            "upstream %s on %s: %s", exc.upstream_status or type(exc).__name__, request.url.path, exc
+        )
+    headers = {"Retry-After": RETRY_AFTER[code]} if code in RETRY_AFTER else None
+    return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
 
 
 def _database_error(request: Request, exc: Exception) -> JSONResponse:
@@ -96,5 +197,7 @@ def register_error_handlers(app: FastAPI) -> None:
     """Install the status table, then our handlers for upstream and database faults."""
     add_exception_handlers(app, STATUS_CODES)
     app.add_exception_handler(RasterioIOError, _upstream_error)
+    for exc in (DeadlineExceeded, RequestCancelled, *UPSTREAM_ERRORS):
+        app.add_exception_handler(exc, _fault)
     app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(PoolTimeout, _database_error)

@@ -56,6 +56,18 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+#: Libraries that log URLs they read (GDAL's retry warnings carry the full URL, query string included).
+LIBRARY_LOGGERS = ("rasterio", "rasterio._env", "rasterio._err", "rasterio._io", "rasterio._base", "rio-tiler")
+
+
+def redact_library_logs() -> None:
+    """Redact records at the source for `LIBRARY_LOGGERS`, whatever handlers are installed."""
+    for name in LIBRARY_LOGGERS:
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in lg.filters):
+            lg.addFilter(RedactingFilter())
+
+
 class RequestIdFilter(logging.Filter):
     """Stamp each record with the id of the request being served, if any."""
 

@@ -47,7 +47,8 @@ from titiler.pgstac.factory import (
 from tiler import __version__
 from tiler.access import Authenticator, UrlTokenMiddleware, auth_router, authorize, restricted_search_params
 from tiler.cache import CachedRoute, CachePolicyMiddleware, TileCache
-from tiler.db import database_ok, open_pool, pgstac_version
+from tiler.db import connection_budget, database_ok, open_pool, pgstac_version
+from tiler.deadline import DeadlineMiddleware
 from tiler.dependencies import (
     AssetIdParams,
     ColorMapParams,
@@ -65,7 +66,7 @@ from tiler.dependencies import (
 from tiler.errors import register_error_handlers
 from tiler.factory import mosaicThumbnailExtension, thumbnailExtension
 from tiler.limits import RenderLimiter, render_slot
-from tiler.logs import configure_logging
+from tiler.logs import configure_logging, redact_library_logs
 from tiler.metrics import ORIGIN, ObservabilityMiddleware, metrics_router
 from tiler.reader import ItemReader, MosaicBackend, MosaicItemReader
 from tiler.readiness import StorageProbe
@@ -131,6 +132,7 @@ def _renders_from_search(src: Any) -> dict:
 def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     """Build the FastAPI application for ``settings`` (from the environment by default)."""
     settings = settings or Settings()
+    settings.check_deadlines()
     api = settings.api
     obs = settings.observability
     configure_logging(fmt=obs.log_format, if_unconfigured=True)  # e.g. under gunicorn
@@ -150,7 +152,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.dbpool = open_pool(settings.db)
+        app.state.dbpool = open_pool(settings.db, statement_timeout=api.request_timeout)
+        problem = connection_budget(app.state.dbpool, settings.db)
+        if problem and settings.db.strict_budget:
+            app.state.dbpool.close()
+            raise RuntimeError(f"refusing to start (TILER_DB_STRICT_BUDGET): {problem}")
+        if problem:
+            logger.warning("database connection budget exceeded: %s", problem)
         install(credentials)
         set_signers(credentials)
         if app.state.auth is not None:
@@ -197,6 +205,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     app.state.auth = Authenticator(settings.auth, lambda: app.state.dbpool) if settings.auth.enabled else None
     update_openapi(app)
     register_error_handlers(app)
+    redact_library_logs()
     app.add_exception_handler(
         ValidationError,
         lambda request, exc: JSONResponse(
@@ -204,6 +213,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         ),
     )
 
+    # innermost: the 504 still goes through CORS, cache policy and compression
+    app.state.late_requests = set()  # requests answered 504 whose render still runs
+    app.add_middleware(DeadlineMiddleware, timeout=api.request_timeout, abandoned=app.state.late_requests)
     if api.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -343,6 +355,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     if settings.cog.enabled:
         cog = TilerFactory(
             router=APIRouter(route_class=CachedRoute),
+            reader=SigningReader,
             path_dependency=cog_url_dependency(settings.cog),
             router_prefix="/cog",
             add_viewer=True,

@@ -28,6 +28,8 @@ from titiler.core.dependencies import _parse_asset
 from titiler.pgstac.backend import PGSTACBackend
 from titiler.pgstac.reader import PgSTACReader, SimpleSTACReader
 
+from tiler import deadline
+from tiler.deadline import Budget
 from tiler.dependencies import data_zooms
 from tiler.errors import InvalidPansharpenParameters
 from tiler.pansharpen import brovey
@@ -37,6 +39,16 @@ from tiler.upstream import SigningReader
 
 #: Resampling of the MS bands when they are brought to the pan grid (unless the request says).
 MS_UPSAMPLING = "bilinear"
+
+
+def _with_context(info: AssetInfo, item_id: str, budget: Budget | None) -> AssetInfo:
+    """Asset reader options: the ``item/asset`` label errors name, and the request's budget."""
+    info["reader_options"] = {
+        **info.get("reader_options", {}),
+        "label": f"{item_id}/{info['name']}",
+        "budget": budget,
+    }
+    return info
 
 
 def _with_stretch(info: AssetInfo, metadata: dict) -> AssetInfo:
@@ -190,12 +202,14 @@ class ItemReader(PansharpenMixin, PgSTACReader):
     """Reader of one pgstac item (item and asset endpoints); assets opened by `SigningReader`."""
 
     reader: type[Reader] = attr.ib(default=SigningReader)
+    budget: Budget | None = attr.ib(factory=deadline.current)
 
     def _platform(self) -> str | None:
         return self.item.properties.get("platform")
 
     def _get_asset_info(self, asset: AssetType) -> AssetInfo:
         info = super()._get_asset_info(asset)
+        _with_context(info, self.item.id, self.budget)
         return _with_stretch(info, self.item.assets[info["name"]].extra_fields)
 
 
@@ -204,15 +218,26 @@ class MosaicItemReader(PansharpenMixin, SimpleSTACReader):
     """Reader of the items of a mosaic (collections and registered searches); assets opened by `SigningReader`.
 
     Its items come from the mosaic's pgstac search with the fields of `MOSAIC_ITEM_FIELDS`.
+    rio-tiler opens one per item in its own threads, where the request's context is not
+    visible: `MosaicBackend` hands over the request's ``budget``, checked before each item,
+    so a request past its deadline (or whose client left) reads no further item.
     """
 
     reader: type[Reader] = attr.ib(default=SigningReader)
+    budget: Budget | None = attr.ib(default=None)
+
+    def __attrs_post_init__(self) -> None:
+        """Stop before the item when the request is out of time or its client is gone."""
+        if self.budget is not None:
+            self.budget.check(f"reading item {self.input.get('id')}")
+        super().__attrs_post_init__()
 
     def _platform(self) -> str | None:
         return (self.input.get("properties") or {}).get("platform")
 
     def _get_asset_info(self, asset: AssetType) -> AssetInfo:
         info = super()._get_asset_info(asset)
+        _with_context(info, str(self.input.get("id")), self.budget)
         return _with_stretch(info, self.input["assets"][info["name"]])
 
 
@@ -222,8 +247,18 @@ class MosaicBackend(PGSTACBackend):
 
     A search registered with ``minzoom``/``maxzoom`` metadata keeps them; otherwise the
     range is that of the mosaic's newest item (`tiler.dependencies.data_zooms`), so a TileJSON
-    client does not ask for zoom 0-24 over the world.
+    client does not ask for zoom 0-24 over the world. It is built in the request's thread and
+    passes the request's `tiler.deadline.Budget` to the item readers.
     """
+
+    def __attrs_post_init__(self) -> None:
+        """Hand the request's budget to the item readers (they run in other threads)."""
+        budget = deadline.current()
+        if budget is not None and issubclass(self.reader, MosaicItemReader):
+            self.reader_options = {**self.reader_options, "budget": budget}
+        parent = getattr(super(), "__attrs_post_init__", None)
+        if parent is not None:
+            parent()
 
     def _zooms(self) -> tuple[int, int] | None:
         return data_zooms(self.pool, self.input, self.tms)

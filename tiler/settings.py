@@ -44,6 +44,14 @@ class ApiSettings(BaseSettings):
         default="public, max-age=3600",
         description="Cache-Control header for successful tile/image responses.",
     )
+    request_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "Deadline of every request, seconds: past it the answer is a 504 and readers stop. "
+            "GDAL's HTTP timeouts must fit under it (checked at start-up)."
+        ),
+    )
     root_path: str = ""
     debug: bool = False
     enable_assets_endpoints: bool = True
@@ -114,6 +122,26 @@ class DatabaseSettings(BaseSettings):
     )
     max_idle: float = Field(default=300.0, validation_alias="TILER_DB_MAX_IDLE")
     connect_timeout: int = Field(default=5, ge=1, validation_alias="TILER_DB_CONNECT_TIMEOUT")
+    workers: int = Field(
+        default=1,
+        ge=1,
+        validation_alias="TILER_DB_WORKERS",
+        description="Worker processes per replica sharing the database (`tiler serve --workers` sets it).",
+    )
+    replicas: int = Field(
+        default=1, ge=1, validation_alias="TILER_DB_REPLICAS", description="Replicas (pods) of the tiler."
+    )
+    other_connections: int = Field(
+        default=0,
+        ge=0,
+        validation_alias="TILER_DB_OTHER_CONNECTIONS",
+        description="Connections other clients (STAC API, ingest, admin) need on the same server.",
+    )
+    strict_budget: bool = Field(
+        default=False,
+        validation_alias="TILER_DB_STRICT_BUDGET",
+        description="Refuse to start when the pools could exceed the server's max_connections.",
+    )
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
@@ -184,10 +212,13 @@ class GdalSettings(BaseSettings):
     gdal_http_multiplex: str = "YES"
     gdal_http_version: str = "2"
     gdal_ingested_bytes_at_open: str = "32768"
-    gdal_http_timeout: str = "20"
-    gdal_http_connecttimeout: str = "5"
+    gdal_http_timeout: str = "8"
+    gdal_http_connecttimeout: str = "3"
     gdal_http_max_retry: str = "2"
     gdal_http_retry_delay: str = "0.5"
+    gdal_http_retry_codes: str = "429,500,502,503,504"
+    gdal_http_low_speed_time: str = "5"
+    gdal_http_low_speed_limit: str = "1024"
     vsi_cache: str = "TRUE"
     vsi_cache_size: str = "5000000"
     gdal_cachemax: int = Field(default=200, ge=1, description="GDAL block cache, MB (process-wide).")
@@ -204,6 +235,22 @@ class GdalSettings(BaseSettings):
         out: dict[str, str | int] = {k.upper(): v for k, v in self.model_dump().items()}
         out["GDAL_CACHEMAX"] = self.gdal_cachemax * 1024 * 1024
         return out
+
+    def worst_http_seconds(self) -> float:
+        """Longest one HTTP request of GDAL can take, retries included.
+
+        Each attempt is cut at ``GDAL_HTTP_TIMEOUT``; GDAL waits ``GDAL_HTTP_RETRY_DELAY``
+        before the first retry and multiplies the delay by at most 2.5 for each next one.
+        """
+        try:
+            timeout = float(self.gdal_http_timeout)
+            retries = int(self.gdal_http_max_retry)
+            delay = float(self.gdal_http_retry_delay)
+        except ValueError as e:
+            raise ValueError(f"TILER_GDAL_GDAL_HTTP_TIMEOUT/MAX_RETRY/RETRY_DELAY must be numbers: {e}") from None
+        if timeout <= 0:
+            return float("inf")  # 0 means no timeout in GDAL
+        return (retries + 1) * timeout + sum(delay * 2.5**k for k in range(retries))
 
 
 class AuthSettings(BaseSettings):
@@ -355,3 +402,19 @@ class Settings(BaseSettings):
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
 
     model_config = SettingsConfigDict(extra="ignore")
+
+    @model_validator(mode="after")
+    def _gdal_fits_deadline(self) -> Settings:
+        self.check_deadlines()
+        return self
+
+    def check_deadlines(self) -> None:
+        """A read stuck on a dead host must end (GDAL's timeouts) within the request deadline."""
+        worst = self.gdal.worst_http_seconds()
+        if worst > self.api.request_timeout:
+            raise ValueError(
+                f"GDAL's HTTP timeouts allow one request to take {worst:g} s "
+                f"((GDAL_HTTP_MAX_RETRY + 1) x GDAL_HTTP_TIMEOUT + retry delays), more than "
+                f"TILER_API_REQUEST_TIMEOUT={self.api.request_timeout:g} s: lower TILER_GDAL_GDAL_HTTP_TIMEOUT "
+                "or TILER_GDAL_GDAL_HTTP_MAX_RETRY, or raise the deadline"
+            )

@@ -22,6 +22,7 @@ href is signed again with ``refresh=True`` and the open retried once.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import glob
@@ -30,7 +31,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ from rasterio.errors import RasterioIOError
 from rio_tiler.io import Reader
 
 from tiler.auth import PolicyError, load_document
+from tiler.deadline import Budget
+from tiler.deadline import current as current_budget
+from tiler.errors import UpstreamError, classify_upstream, file_label
 
 logger = logging.getLogger(__name__)
 
@@ -213,46 +217,83 @@ def _refused(exc: BaseException | None) -> bool:
 def _retry_on_refusal(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self: SigningReader, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        except RasterioIOError as e:
-            if self._signer is None or not _refused(e):
-                raise
-            logger.info("upstream refused a signed href while reading; signing it again")
-            self._open_signed(refresh=True)
-            return method(self, *args, **kwargs)
+        if self.budget is not None:
+            self.budget.check(f"reading {self._asset_label()}")
+        with self._upstream_guard():
+            try:
+                return method(self, *args, **kwargs)
+            except RasterioIOError as e:
+                if self._signer is None or not _refused(e):
+                    raise
+                logger.info("upstream refused a signed href while reading; signing it again")
+                self._open_signed(refresh=True)
+                return method(self, *args, **kwargs)
 
     return wrapper
 
 
+def forget_failure(href: str) -> None:
+    """Clear GDAL's cache for ``href`` (all its query strings) so the next read asks the host again.
+
+    GDAL's /vsicurl/ remembers per URL that a file is missing or failed; without this a
+    single transient 503 would fail every later request for that file without a request.
+    """
+    clear_http_cache(href.split("?", 1)[0].split("#", 1)[0])
+
+
 @attr.s
 class SigningReader(Reader):
-    """rio-tiler Reader that signs its href through the configured signer.
+    """rio-tiler Reader that signs its href and turns storage failures into `UpstreamError`.
 
     When the host answers 401/403 (a signed href expired), at open or while
     reading, the href is signed again with ``refresh=True`` and the operation
-    retried once; a second refusal is raised (502 for the client).
+    retried once; a second refusal is raised (502 for the client). Any read
+    failure clears GDAL's cache for the file (`forget_failure`) and is raised as
+    the `UpstreamError` its HTTP status or curl error says (`classify_upstream`),
+    naming ``label`` (``item/asset``) and the file name, never the URL.
+    ``budget`` (the request's `tiler.deadline.Budget`; in rio-tiler's worker threads the
+    STAC readers pass it) is checked before opening and reading.
     """
 
+    label: str | None = attr.ib(default=None, kw_only=True)
+    budget: Budget | None = attr.ib(factory=current_budget, kw_only=True)
     _signer: Signer | None = attr.ib(init=False, default=None)
     _href: str | None = attr.ib(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         """Open the dataset with a signed href."""
         href = self.input
+        if self.budget is not None:
+            self.budget.check(f"opening {self._asset_label()}")
         self._signer = signer_for(href) if isinstance(href, str) and self.dataset is None else None
-        if self._signer is None:
+        with self._upstream_guard():
+            if self._signer is None:
+                super().__attrs_post_init__()
+                return
+            self._href = href
+            try:
+                self._open_signed(refresh=False)
+            except RasterioIOError as e:
+                if not _refused(e):
+                    raise
+                logger.info("upstream refused a signed href at open; signing it again")
+                self._open_signed(refresh=True)
             super().__attrs_post_init__()
-            return
-        self._href = href
+
+    def _asset_label(self) -> str:
+        name = file_label(self.input) if isinstance(self.input, str) else "<dataset>"
+        return f"{self.label} ({name})" if self.label else name
+
+    @contextlib.contextmanager
+    def _upstream_guard(self) -> Iterator[None]:
         try:
-            self._open_signed(refresh=False)
+            yield
+        except UpstreamError:
+            raise
         except RasterioIOError as e:
-            if not _refused(e):
-                raise
-            logger.info("upstream refused a signed href at open; signing it again")
-            self._open_signed(refresh=True)
-        super().__attrs_post_init__()
+            if isinstance(self.input, str):
+                forget_failure(self.input)
+            raise classify_upstream(e, self._asset_label()) from e
 
     def _open_signed(self, refresh: bool) -> None:
         assert self._signer is not None and self._href is not None
@@ -264,3 +305,4 @@ class SigningReader(Reader):
     point = _retry_on_refusal(Reader.point)
     feature = _retry_on_refusal(Reader.feature)
     statistics = _retry_on_refusal(Reader.statistics)
+    read = _retry_on_refusal(Reader.read)
