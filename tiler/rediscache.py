@@ -165,7 +165,7 @@ class RedisTileStore:
         if isinstance(data, self._response_error) or isinstance(pttl, self._response_error):
             # e.g. WRONGTYPE: someone else's value under our key; Redis itself answers
             self._ok()
-            self.invalid += 1
+            self._count_invalid()
             return None
         if isinstance(data, Exception) or isinstance(pttl, Exception):
             self._failed(data if isinstance(data, Exception) else pttl)
@@ -175,7 +175,7 @@ class RedisTileStore:
             return None
         entry = decode(data, ttl=pttl / 1000 if isinstance(pttl, int) and pttl > 0 else None)
         if entry is None:
-            self.invalid += 1
+            self._count_invalid()
             log.debug("ignored a value in the shared tile cache that is not a tile (%d bytes)", len(data))
         return entry
 
@@ -197,6 +197,10 @@ class RedisTileStore:
             self._client.close()
         except self._failures:  # pragma: no cover - closing a broken connection
             pass
+
+    def _count_invalid(self) -> None:
+        with self._lock:
+            self.invalid += 1
 
     # ------------------------------------------------------------------ circuit breaker
 
