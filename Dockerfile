@@ -8,7 +8,7 @@ RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY tiler ./tiler
 RUN /opt/venv/bin/pip install --upgrade pip \
- && /opt/venv/bin/pip install ".[server]"
+ && /opt/venv/bin/pip install ".[server,redis]"
 
 FROM python:3.11-slim-bookworm AS runtime
 RUN groupadd --system --gid 10001 tiler \

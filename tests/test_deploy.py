@@ -595,3 +595,22 @@ def test_database_roles_the_manifests_set_up(rendered, dsn, sample):
         )
         assert r.status_code != 200
         assert password not in r.text
+
+
+def test_redis_component_points_the_tile_cache_at_it(rendered):
+    """With components/redis the tiler's second cache tier is that Redis; without it there is none."""
+    from urllib.parse import urlsplit
+
+    from tiler.settings import TileCacheSettings
+
+    assert "TILER_CACHE_REDIS_URL" not in by_key(rendered["base"])[("ConfigMap", "dinamis-tiler-env")]["data"]
+    res = by_key(rendered["everything"])
+    url = res[("ConfigMap", "dinamis-tiler-env")]["data"]["TILER_CACHE_REDIS_URL"]
+    parts = urlsplit(TileCacheSettings(redis_url=url).redis_url.get_secret_value())
+    service = res[("Service", "dinamis-redis")]
+    assert parts.hostname == service["metadata"]["name"]
+    assert parts.port in {p["port"] for p in service["spec"]["ports"]}
+    egress = res[("NetworkPolicy", "dinamis-tiler-egress-redis")]["spec"]["egress"]
+    assert parts.port in {p["port"] for rule in egress for p in rule["ports"]}
+    args = container(rendered["everything"], "dinamis-redis", "redis")["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "allkeys-lru"

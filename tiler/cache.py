@@ -3,19 +3,21 @@
 * `CachePolicyMiddleware`: public only for anonymous answers, private for protected ones,
   no-store for errors.
 * `TileCache` and `CachedRoute`: rendered tiles kept in memory (LRU bounded in bytes, with
-  a time to live), served again only after the caller's rights are checked.
+  a time to live), then in an optional shared store (`tiler.rediscache`, Redis, for every
+  worker and replica), served again only after the caller's rights are checked.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
-from cachetools import TTLCache
+from cachetools import TLRUCache
 from fastapi.routing import APIRoute
 from starlette._utils import get_route_path
 from starlette.concurrency import run_in_threadpool
@@ -26,6 +28,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from titiler.mosaic.errors import NoAssetFoundError
 
 from tiler.access import SCOPE_CACHE, authorize
+
+if TYPE_CHECKING:
+    from tiler.rediscache import RedisTileStore
 
 
 class CachePolicyMiddleware:
@@ -78,11 +83,16 @@ class CachePolicyMiddleware:
 
 @dataclass(frozen=True)
 class CachedResponse:
-    """A rendered answer: status, body and the headers the endpoint set."""
+    """A rendered answer: status, body and the headers the endpoint set.
+
+    ``ttl``: seconds it may still be served, when less than the cache's own time to
+    live (an entry read from the shared store lives no longer than it does there).
+    """
 
     status: int
     body: bytes
     headers: tuple[tuple[bytes, bytes], ...]
+    ttl: float | None = None
 
     @property
     def size(self) -> int:
@@ -93,34 +103,54 @@ class CachedResponse:
 class TileCache:
     """In-process cache of rendered tiles: LRU bounded in bytes, entries expire after ``ttl``.
 
-    One per worker process. Keys are built by `cache_key` from the route path and the
-    query (never the URL token); the caller's rights are checked on every hit by
-    `CachedRoute`, so a cached tile is served only to callers the policy allows *now*.
+    One per worker process, in front of an optional ``shared`` store (Redis) that every
+    worker and replica reads and writes. Keys are built by `cache_key` from the route
+    path and the query (never the URL token); the caller's rights are checked on every
+    hit, whatever the tier, by `CachedRoute`, so a cached tile is served only to callers
+    the policy allows *now*.
+
+    Counters (plain attributes, read by the metrics): ``hits`` (in-process),
+    ``shared_hits`` (from the shared store), ``misses`` (rendered), ``shared_errors``.
     """
 
-    def __init__(self, max_bytes: int, ttl: float, max_entry_bytes: int):
-        """An empty cache of at most ``max_bytes``."""
+    def __init__(
+        self, max_bytes: int, ttl: float, max_entry_bytes: int, shared: RedisTileStore | None = None
+    ):
+        """An empty cache of at most ``max_bytes``, in front of ``shared`` if given."""
         self.max_entry_bytes = max_entry_bytes
-        self._data: TTLCache = TTLCache(maxsize=max_bytes, ttl=ttl, getsizeof=lambda e: e.size)
+        self.ttl = ttl
+        self.shared = shared
+        self._data: TLRUCache = TLRUCache(maxsize=max_bytes, ttu=self._expires, getsizeof=lambda e: e.size)
         self._lock = threading.Lock()
         self.hits = 0
+        self.shared_hits = 0
         self.misses = 0
+
+    def _expires(self, _key: str, entry: CachedResponse, now: float) -> float:
+        return now + min(self.ttl, math.inf if entry.ttl is None else entry.ttl)
 
     def get(self, key: str) -> CachedResponse | None:
         """The entry for ``key``, or None."""
         with self._lock:
             return self._data.get(key)
 
-    def count(self, hit: bool) -> None:
-        """Count a tile served from the cache (``hit``) or rendered and offered to it."""
+    def count(self, hit: bool, shared: bool = False) -> None:
+        """Count a tile served from the cache (``hit``; ``shared``: from the shared store) or rendered."""
         with self._lock:
-            if hit:
+            if hit and shared:
+                self.shared_hits += 1
+            elif hit:
                 self.hits += 1
             else:
                 self.misses += 1
 
+    @property
+    def shared_errors(self) -> int:
+        """Failed calls to the shared store (connection, timeout, server error)."""
+        return self.shared.errors if self.shared is not None else 0
+
     def put(self, key: str, entry: CachedResponse) -> None:
-        """Store ``entry`` unless it is larger than one entry may be."""
+        """Store ``entry`` in this process unless it is larger than one entry may be."""
         if entry.size > min(self.max_entry_bytes, self._data.maxsize):
             return
         with self._lock:
@@ -138,7 +168,7 @@ class TileCache:
             return len(self._data)
 
     def clear(self) -> None:
-        """Drop every entry."""
+        """Drop every entry of this process (the shared store keeps its own)."""
         with self._lock:
             self._data.clear()
 
@@ -174,6 +204,10 @@ class CachedRoute(APIRoute):
     or the COGs. Only ``200`` images and ``204`` (no item under a mosaic tile) are
     stored: other errors are always computed again. Without ``app.state.tile_cache`` the
     route behaves as titiler's.
+
+    Lookup order: this process, then the shared store (a hit there fills this process);
+    a render is written to both. The shared store's calls block (bounded by its socket
+    timeout, skipped while it is down) and run in the thread pool.
     """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -186,9 +220,15 @@ class CachedRoute(APIRoute):
                 return await handler(request)
             key = cache_key(request)
             entry = cache.get(key)
+            shared = False
+            if entry is None and cache.shared is not None:
+                entry = await run_in_threadpool(cache.shared.get, key)
+                if entry is not None:
+                    shared = True
+                    cache.put(key, entry)
             if entry is not None:
                 await run_in_threadpool(authorize, request)
-                cache.count(hit=True)
+                cache.count(hit=True, shared=shared)
                 etag = dict(entry.headers).get(b"etag")
                 if etag and not_modified(request, etag.decode("latin-1")):
                     return Response(status_code=304, headers={"ETag": etag.decode("latin-1")})
@@ -197,21 +237,28 @@ class CachedRoute(APIRoute):
                     *((k, v) for k, v in entry.headers),
                     *((k, v) for k, v in response.raw_headers if k == b"content-length"),
                 ]
-                response.headers[CACHE_HEADER] = "hit"
+                response.headers[CACHE_HEADER] = "hit-shared" if shared else "hit"
                 return response
             try:
                 response = await handler(request)
             except NoAssetFoundError:
                 # no item under this mosaic tile: the error table answers 204; remember that
                 cache.count(hit=False)
-                cache.put(key, CachedResponse(204, b"", ()))
+                await _store(cache, key, CachedResponse(204, b"", ()))
                 raise
             if _cacheable(response):
                 cache.count(hit=False)
                 body = getattr(response, "body", b"")
                 headers = tuple((k, v) for k, v in response.raw_headers if k not in _SKIPPED)
-                cache.put(key, CachedResponse(response.status_code, bytes(body), headers))
+                await _store(cache, key, CachedResponse(response.status_code, bytes(body), headers))
                 response.headers[CACHE_HEADER] = "miss"
             return response
 
         return cached
+
+
+async def _store(cache: TileCache, key: str, entry: CachedResponse) -> None:
+    """Keep a rendered answer in this process and in the shared store."""
+    cache.put(key, entry)
+    if cache.shared is not None and entry.size <= cache.max_entry_bytes:
+        await run_in_threadpool(cache.shared.put, key, entry)

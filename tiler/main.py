@@ -71,7 +71,7 @@ from tiler.metrics import ORIGIN, ObservabilityMiddleware, metrics_router
 from tiler.reader import ItemReader, MosaicBackend, MosaicItemReader
 from tiler.readiness import StorageProbe
 from tiler.routes import catalogue_router, presets_router
-from tiler.settings import Settings
+from tiler.settings import Settings, TileCacheSettings
 from tiler.tms import bbox_in_tms, supported_tms
 from tiler.upstream import (
     SigningReader,
@@ -129,6 +129,27 @@ def _renders_from_search(src: Any) -> dict:
     return _preset_layers(presets_for(src.pool, search_id=src.input))
 
 
+def _tile_cache(cache: TileCacheSettings) -> TileCache:
+    """The in-process tile cache, in front of the shared Redis when ``TILER_CACHE_REDIS_URL`` is set."""
+    max_entry_bytes = int(cache.max_entry_kb * 1024)
+    shared = None
+    if cache.redis_url is not None:
+        from tiler.rediscache import RedisTileStore  # the `redis` extra, only when asked for
+
+        shared = RedisTileStore(
+            cache.redis_url.get_secret_value(),
+            prefix=cache.redis_prefix,
+            ttl=cache.ttl,
+            timeout=cache.redis_timeout,
+            backoff=cache.redis_backoff,
+            max_entry_bytes=max_entry_bytes,
+        )
+        logger.info("tile cache: in-process, then shared Redis at %s", shared.where)
+    return TileCache(
+        max_bytes=int(cache.max_mb * 1024 * 1024), ttl=cache.ttl, max_entry_bytes=max_entry_bytes, shared=shared
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     """Build the FastAPI application for ``settings`` (from the environment by default)."""
     settings = settings or Settings()
@@ -168,6 +189,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         finally:
             uninstall(credentials)
             app.state.dbpool.close()
+            if app.state.tile_cache is not None and app.state.tile_cache.shared is not None:
+                app.state.tile_cache.shared.close()
 
     app = FastAPI(
         title=api.name,
@@ -193,15 +216,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
             presets_for(app.state.dbpool, collection_id=item.collection_id, item_id=item.id, item=item)
         )
 
-    app.state.tile_cache = (
-        TileCache(
-            max_bytes=int(settings.cache.max_mb * 1024 * 1024),
-            ttl=settings.cache.ttl,
-            max_entry_bytes=int(settings.cache.max_entry_kb * 1024),
-        )
-        if settings.cache.enabled
-        else None
-    )
+    app.state.tile_cache = _tile_cache(settings.cache) if settings.cache.enabled else None
     app.state.auth = Authenticator(settings.auth, lambda: app.state.dbpool) if settings.auth.enabled else None
     update_openapi(app)
     register_error_handlers(app)

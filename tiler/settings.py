@@ -10,7 +10,7 @@ Environment variables (see README's table):
 * ``TILER_AUTH_*``: who may see what (identity provider, API keys, policy,
   signed URL tokens).
 * ``TILER_UPSTREAM_*``: credentials the server presents to COG hosts.
-* ``TILER_CACHE_*``: the in-process cache of rendered tiles.
+* ``TILER_CACHE_*``: the cache of rendered tiles (in-process, and optionally a shared Redis).
 * ``TILER_METRICS_*``, ``TILER_LOG_FORMAT``: Prometheus metrics and logs.
 
 titiler-pgstac reads a few of its own variables (``TITILER_PGSTAC_CACHE_*``,
@@ -340,7 +340,11 @@ class UpstreamSettings(BaseSettings):
 
 
 class TileCacheSettings(BaseSettings):
-    """The in-process cache of rendered tiles (one per worker process)."""
+    """The cache of rendered tiles: one in-process LRU per worker, then an optional shared Redis.
+
+    ``redis_url`` may carry a password: it is a secret, never logged or shown (the logs
+    name the host only).
+    """
 
     enabled: bool = True
     max_mb: float = Field(
@@ -350,8 +354,45 @@ class TileCacheSettings(BaseSettings):
         default=300, gt=0, description="Seconds a rendered tile is served again before it is rendered anew."
     )
     max_entry_kb: float = Field(default=2048, gt=0, description="Larger answers (KiB) are not kept.")
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Shared tier for every worker and replica: `redis://[:password@]host:port/db`, `rediss://...` "
+            "(TLS) or `unix:///path?db=0`. Needs the `redis` extra. Unset: in-process cache only."
+        ),
+    )
+    redis_prefix: str = Field(
+        default="dinamis-tiler",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Prefix of the keys in Redis (several deployments may share one Redis).",
+    )
+    redis_timeout: float = Field(
+        default=0.25,
+        gt=0,
+        le=5,
+        description="Seconds a Redis connect, read or write may take before the tier is skipped.",
+    )
+    redis_backoff: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description="Seconds Redis is skipped after a failure before it is tried again.",
+    )
 
-    model_config = SettingsConfigDict(env_prefix="TILER_CACHE_", extra="ignore")
+    # hide_input_in_errors: a refused value may hold a password, errors must not echo it
+    model_config = SettingsConfigDict(env_prefix="TILER_CACHE_", extra="ignore", hide_input_in_errors=True)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, url: SecretStr | None) -> SecretStr | None:
+        if url is None or not url.get_secret_value().strip():
+            return None
+        if urlsplit(url.get_secret_value().strip()).scheme not in ("redis", "rediss", "unix"):
+            # the value may hold a password: never echo it
+            raise ValueError("TILER_CACHE_REDIS_URL must be a redis://, rediss:// or unix:// URL")
+        return SecretStr(url.get_secret_value().strip())
 
 
 class ObservabilitySettings(BaseSettings):
