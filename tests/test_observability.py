@@ -440,3 +440,21 @@ def test_unhandled_error_answers_json_500_with_request_id(access_lines):
     assert [line["status"] for line in mine if line["logger"] == "tiler.access"] == [500]
     errors = [line for line in mine if "error" in line]
     assert errors and "kaboom" in errors[0]["error"] and "s3cr3t" not in errors[0]["error"]
+
+
+def test_tile_cache_counter_follows_the_cache(secured, sample):
+    client, token = secured
+    x, y = _tile(sample, z=15, index=1)
+    params = forget_pgstac_lookups()  # a tile nobody asked for yet
+    url = f"/t/{token}/collections/{COLLECTION_ID}/tiles/WebMercatorQuad/15/{x}/{y}.png"
+    _, before = scrape(client)
+    first = client.get(url, params=params)
+    again = [client.get(url, params=params) for _ in range(2)]
+    _, after = scrape(client)
+    assert first.headers["x-tile-cache"] == "miss" and all(r.headers["x-tile-cache"] == "hit" for r in again)
+
+    def delta(result: str) -> float:
+        name = "tiler_tile_cache_requests_total"
+        return value(after, name, result=result) - value(before, name, result=result)
+
+    assert (delta("miss"), delta("hit"), delta("hit-shared")) == (1, 2, 0)

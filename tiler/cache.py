@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from titiler.mosaic.errors import NoAssetFoundError
 
 from tiler.access import SCOPE_CACHE, authorize
+from tiler.metrics import TILE_CACHE
 
 if TYPE_CHECKING:
     from tiler.rediscache import RedisTileStore
@@ -143,6 +144,7 @@ class TileCache:
                 self.hits += 1
             else:
                 self.misses += 1
+        TILE_CACHE.labels(result="hit-shared" if hit and shared else "hit" if hit else "miss").inc()
 
     @property
     def shared_errors(self) -> int:

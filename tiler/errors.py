@@ -147,14 +147,18 @@ def classify_upstream(exc: BaseException, asset: str | None = None) -> UpstreamE
     code = int(m.group(1)) if m else None
     what = f"asset {asset}" if asset else "the imagery"
     if code in (404, 410) or (code is None and _MISSING.search(text)):
-        return UpstreamNotFound(f"{what[0].upper()}{what[1:]} was not found on its storage host.", asset or "", code)
+        return UpstreamNotFound(
+            f"{what[0].upper()}{what[1:]} was not found on its storage host.", asset or "", code
+        )
     if code in (401, 403):
         return UpstreamRefused(
             f"The storage host refused the server's credentials for {what} (HTTP {code}).", asset or "", code
         )
     if code in (429, 503):
         return UpstreamUnavailable(
-            f"The storage host is unavailable for {what} (HTTP {code}, retried); retry later.", asset or "", code
+            f"The storage host is unavailable for {what} (HTTP {code}, retried); retry later.",
+            asset or "",
+            code,
         )
     if code is None and _TIMED_OUT.search(text):
         return UpstreamTimeout(f"The storage host did not answer in time for {what}.", asset or "", None)

@@ -57,7 +57,14 @@ class RedactingFilter(logging.Filter):
 
 
 #: Libraries that log URLs they read (GDAL's retry warnings carry the full URL, query string included).
-LIBRARY_LOGGERS = ("rasterio", "rasterio._env", "rasterio._err", "rasterio._io", "rasterio._base", "rio-tiler")
+LIBRARY_LOGGERS = (
+    "rasterio",
+    "rasterio._env",
+    "rasterio._err",
+    "rasterio._io",
+    "rasterio._base",
+    "rio-tiler",
+)
 
 
 def redact_library_logs() -> None:

@@ -146,7 +146,10 @@ def _tile_cache(cache: TileCacheSettings) -> TileCache:
         )
         logger.info("tile cache: in-process, then shared Redis at %s", shared.where)
     return TileCache(
-        max_bytes=int(cache.max_mb * 1024 * 1024), ttl=cache.ttl, max_entry_bytes=max_entry_bytes, shared=shared
+        max_bytes=int(cache.max_mb * 1024 * 1024),
+        ttl=cache.ttl,
+        max_entry_bytes=max_entry_bytes,
+        shared=shared,
     )
 
 

@@ -82,7 +82,12 @@ RENDER_REJECTIONS = Counter(
     ["reason"],
 )
 TILE_CACHE = Counter(
-    "tiler_tile_cache_requests_total", "Tile response cache lookups (hit or miss).", ["result"]
+    "tiler_tile_cache_requests_total",
+    "Rendered tiles served from the cache (`hit`: worker memory, `hit-shared`: Redis) or rendered (`miss`).",
+    ["result"],
+)
+TILE_CACHE_SHARED_ERRORS = Counter(
+    "tiler_tile_cache_shared_errors_total", "Failed calls to the shared (Redis) tile cache."
 )
 PGSTAC_QUERY = Histogram(
     "tiler_pgstac_query_duration_seconds",
@@ -103,12 +108,13 @@ FAMILIES = (
     RENDERS_QUEUED,
     RENDER_REJECTIONS,
     TILE_CACHE,
+    TILE_CACHE_SHARED_ERRORS,
     PGSTAC_QUERY,
     ORIGIN_REQUESTS,
     ORIGIN_BYTES,
 )
-for _result in ("hit", "miss"):
-    TILE_CACHE.labels(result=_result)  # exported at 0 until a response cache counts
+for _result in ("hit", "hit-shared", "miss"):
+    TILE_CACHE.labels(result=_result)  # exported at 0 before the first tile
 for _reason in ("full", "timeout"):
     RENDER_REJECTIONS.labels(reason=_reason)
 

@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlsplit
 
 from tiler import __version__
 from tiler.cache import _SKIPPED, CachedResponse
+from tiler.metrics import TILE_CACHE_SHARED_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,7 @@ class RedisTileStore:
     def _failed(self, exc: BaseException) -> None:
         with self._lock:
             self.errors += 1
+            TILE_CACHE_SHARED_ERRORS.inc()
             now = time.monotonic()
             first = self._down_since is None
             if first:

@@ -247,7 +247,9 @@ class GdalSettings(BaseSettings):
             retries = int(self.gdal_http_max_retry)
             delay = float(self.gdal_http_retry_delay)
         except ValueError as e:
-            raise ValueError(f"TILER_GDAL_GDAL_HTTP_TIMEOUT/MAX_RETRY/RETRY_DELAY must be numbers: {e}") from None
+            raise ValueError(
+                f"TILER_GDAL_GDAL_HTTP_TIMEOUT/MAX_RETRY/RETRY_DELAY must be numbers: {e}"
+            ) from None
         if timeout <= 0:
             return float("inf")  # 0 means no timeout in GDAL
         return (retries + 1) * timeout + sum(delay * 2.5**k for k in range(retries))
