@@ -1,4 +1,4 @@
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test bench lint clean
 
 setup:
 	bash scripts/setup.sh
@@ -12,9 +12,14 @@ test:
 	bash scripts/setup.sh test
 	.venv/bin/python -m pytest -q -p no:cacheprovider
 
+## Benchmark against stock titiler-pgstac (same data, same run); BENCH_ARGS="--quick" for a short run
+bench: setup
+	bash benchmarks/setup.sh
+	.venv/bin/python benchmarks/run.py $(BENCH_ARGS)
+
 lint: setup
 	.venv/bin/python -m pip install -q ruff
 	.venv/bin/ruff check tiler
 
 clean:
-	rm -rf .demo .pytest_cache
+	rm -rf .demo .bench .pytest_cache
