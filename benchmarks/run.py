@@ -10,8 +10,9 @@ What it sets up (everything under ``.bench/``, loopback only, nothing downloaded
   but each through its own port, so origin requests are counted per server;
 * the same items loaded twice into pgstac, in collection ``bench-ours`` (hrefs on nginx port
   18081) and ``bench-stock`` (hrefs on 18082); for the catalogue-scale case, collections
-  ``scale-small`` (10 items) and ``scale-big`` (``--scale-items``) with the same 3 real scenes
-  plus synthetic footprints spread over France, read by both servers (hrefs on 18083/18084);
+  ``scale-small`` (10 items) and ``scale-<N>`` (``--scale-items``, default 1,000,000) with the
+  same 3 real scenes plus synthetic footprints spread over France (one SQL insert, ~1 min for
+  1M), read by both servers (hrefs on 18083/18084); kept across runs;
 * dinamis-tiler (this checkout, access control off) and stock titiler-pgstac 3.2.0
   (``.bench/stock-venv``, GDAL options from titiler's performance-tuning docs) under uvicorn,
   same worker count.
@@ -19,6 +20,10 @@ What it sets up (everything under ``.bench/``, loopback only, nothing downloaded
 Both servers get the *same* query string for every request (``assets=ms|bidx=3,2,1`` or
 ``assets=pan``, ``rescale=200,1800``, PNG, 256 px tiles): titiler's own syntax, which ours keeps.
 Before measuring, a sample of tiles is fetched from both and the decoded pixels compared.
+
+The low-zoom tile (the finest tile holding the whole collection) and the origin counts are
+measured last on fresh single-worker servers: the low-zoom tile with a client timeout
+(``--lowzoom-timeout``), then the CPU the server still spends once the client has gone.
 
 Cases run in alternation (ours, stock, then stock, ours, ...) for ``--rounds`` rounds; each
 round uses tiles not requested before in the run (the same tiles for both servers), and the
@@ -125,6 +130,16 @@ class Proc:
         self.logfile.close()
 
 
+def ensure_free(port: int) -> None:
+    """Refuse to start when something already listens on 127.0.0.1:port (a leftover run)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        if sock.connect_ex(("127.0.0.1", port)) == 0:
+            raise RuntimeError(f"127.0.0.1:{port} is already in use (a previous bench still running?)")
+
+
 def wait_http(port: int, path: str, timeout: float = 60.0) -> None:
     """Wait until ``GET path`` answers 200 on 127.0.0.1:port."""
     deadline = time.monotonic() + timeout
@@ -209,6 +224,8 @@ http {{
     (d / "nginx.conf").write_text(conf)
     for name in NGINX_PORTS:
         (d / f"{name}.log").write_text("")
+    for port in NGINX_PORTS.values():
+        ensure_free(port)
     exe = shutil.which("nginx") or "/usr/sbin/nginx"  # /usr/sbin is not on every user's PATH
     p = Proc("nginx", [exe, "-e", str(d / "error.log"), "-c", str(d / "nginx.conf"), "-p", str(d)])
     some = next(iter(sorted(cogs.glob("*_QL.tif")))).name
@@ -615,6 +632,9 @@ def start_servers(workers: int, py: str, only: str | None = None) -> dict[str, P
             BENCH,
         ),
     }
+    for n in specs:
+        if only in (None, n):
+            ensure_free(SERVER_PORTS[n])
     procs = {n: Proc(*spec) for n, spec in specs.items() if only in (None, n)}
     for name in procs:
         try:
@@ -785,6 +805,9 @@ class Bench:
                     st, el = 0, float("inf")
                 origin = olog.since()
                 cpu = cpu_seconds(procs[srv].pid)
+                # the client has closed its connection: does the server keep rendering?
+                time.sleep(3)
+                after = cpu_seconds(procs[srv].pid) - cpu
             finally:
                 stop_servers(procs)
             runs[srv].append(
@@ -795,6 +818,7 @@ class Bench:
                     "files": origin["files"],
                     "origin_requests": origin["requests"],
                     "cpu_s_at_answer_or_timeout": cpu,
+                    "cpu_s_in_3s_after": after,
                     "errors": int(st != 200),
                 }
             )
@@ -1182,6 +1206,15 @@ def table(results: dict, args: argparse.Namespace) -> list[dict]:
             f"<= {N_SCENES} files (items in view)",
             o["files"] <= N_SCENES,
         )
+        if o["status"] == 0 or s["status"] == 0:
+            row(
+                "low zoom tile: CPU s in the 3 s after the client gave up",
+                o["cpu_s_in_3s_after"],
+                s["cpu_s_in_3s_after"],
+                None,
+                "~0 (request stops)",
+                o["cpu_s_in_3s_after"] < 0.3 if o["status"] == 0 else None,
+            )
     name = "preview 512 px"
     if name in results:
         r = results[name]["rounds"]
@@ -1219,7 +1252,7 @@ def table(results: dict, args: argparse.Namespace) -> list[dict]:
                 f"{o['cold']['requests']} ({o['cold']['head']})",
                 f"{s['cold']['requests']} ({s['cold']['head']})",
                 None,
-                "<= 2 per file, no HEAD" if kind.startswith("item") else "no HEAD",
+                "<= 2 per file, no HEAD",
                 (o["cold"]["max_per_file"] <= 2 and o["cold"]["head"] == 0),
             )
             row(
