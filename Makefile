@@ -1,4 +1,4 @@
-.PHONY: setup demo test lint clean soak
+.PHONY: setup demo test bench soak lint clean
 
 setup:
 	bash scripts/setup.sh
@@ -15,10 +15,14 @@ test:
 ## Several minutes of mixed and hostile load against `tiler serve`, RSS per worker ($SOAK_ARGS)
 soak: setup
 	.venv/bin/python benchmarks/soak.py $(SOAK_ARGS)
+## Benchmark against stock titiler-pgstac (same data, same run); BENCH_ARGS="--quick" for a short run
+bench: setup
+	bash benchmarks/setup.sh
+	.venv/bin/python benchmarks/run.py $(BENCH_ARGS)
 
 lint: setup
 	.venv/bin/python -m pip install -q ruff
 	.venv/bin/ruff check tiler
 
 clean:
-	rm -rf .demo .pytest_cache
+	rm -rf .demo .bench .pytest_cache
