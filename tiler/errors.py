@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 
+import psycopg
 from fastapi import FastAPI
 from psycopg import OperationalError
 from psycopg_pool import PoolTimeout
@@ -14,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from titiler.core.errors import DEFAULT_STATUS_CODES, TilerError, add_exception_handlers
 from titiler.mosaic.errors import MOSAIC_STATUS_CODES
-from titiler.pgstac.errors import PGSTAC_STATUS_CODES
+from titiler.pgstac.errors import PGSTAC_STATUS_CODES, BackendError
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,14 @@ class PresetNotFound(InvalidPreset):
     """``preset=`` names no preset of this collection or item."""
 
 
+class LimitExceeded(TilerError):
+    """A size, expression or filter over one of the server's caps (``TILER_LIMIT_*``)."""
+
+
+class InvalidFilter(TilerError):
+    """A CQL2 filter the server will not send to the catalogue (e.g. a malformed property name)."""
+
+
 STATUS_CODES: dict[type[Exception], int] = {
     **DEFAULT_STATUS_CODES,
     **MOSAIC_STATUS_CODES,
@@ -52,7 +61,20 @@ STATUS_CODES: dict[type[Exception], int] = {
     AssetNotFound: status.HTTP_404_NOT_FOUND,
     InvalidPansharpenParameters: status.HTTP_400_BAD_REQUEST,
     InvalidPreset: status.HTTP_400_BAD_REQUEST,
+    LimitExceeded: status.HTTP_400_BAD_REQUEST,
+    InvalidFilter: status.HTTP_400_BAD_REQUEST,
 }
+
+#: Database errors a caller's search can cause (pgstac raises them on bad filters, unknown
+#: operators or properties, out-of-range limits): 400, with a generic message.
+CALLER_DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    psycopg.errors.DataError,
+    psycopg.errors.ProgrammingError,
+    psycopg.errors.RaiseException,
+    psycopg.errors.IntegrityError,
+    psycopg.errors.NotSupportedError,
+    BackendError,
+)
 
 _URL = re.compile(r"(?:https?|s3|gs|az)://[^\s'\"]+|/vsi\w+/[^\s'\"]+", re.IGNORECASE)
 
@@ -92,9 +114,40 @@ def _database_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _database_detail(exc: Exception) -> str:
+    """What the log may say about a database error: class, SQLSTATE and the first line only."""
+    cause = exc.__cause__ if isinstance(exc, BackendError) and exc.__cause__ is not None else exc
+    sqlstate = getattr(cause, "sqlstate", None) or "-"
+    first = (str(cause).splitlines() or [""])[0][:200]
+    return f"{type(cause).__name__} [{sqlstate}] {shorten_urls(first)}"
+
+
+def _refused_query(request: Request, exc: Exception) -> JSONResponse:
+    """The catalogue refused the caller's search: 400 without the database's message or context."""
+    logger.warning("catalogue refused a query on %s: %s", request.url.path, _database_detail(exc))
+    return JSONResponse(
+        {
+            "detail": "The catalogue could not run this search: check the filter "
+            "(operators, property names, values) and the search parameters."
+        },
+        status_code=status.HTTP_400_BAD_REQUEST,
+    )
+
+
+def _failed_query(request: Request, exc: Exception) -> JSONResponse:
+    """Any other database error: 500 without the database's message."""
+    logger.error("catalogue query failed on %s: %s", request.url.path, _database_detail(exc))
+    return JSONResponse(
+        {"detail": "The catalogue query failed."}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR
+    )
+
+
 def register_error_handlers(app: FastAPI) -> None:
     """Install the status table, then our handlers for upstream and database faults."""
     add_exception_handlers(app, STATUS_CODES)
+    app.add_exception_handler(psycopg.Error, _failed_query)
+    for exc in CALLER_DATABASE_ERRORS:
+        app.add_exception_handler(exc, _refused_query)
     app.add_exception_handler(RasterioIOError, _upstream_error)
     app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(PoolTimeout, _database_error)

@@ -52,7 +52,6 @@ from tiler.dependencies import (
     ColorMapParams,
     ItemParams,
     LayerParams,
-    MosaicAssetsParams,
     PresetContext,
     RenderParams,
     cog_url_dependency,
@@ -63,6 +62,7 @@ from tiler.dependencies import (
 )
 from tiler.errors import register_error_handlers
 from tiler.factory import mosaicThumbnailExtension, thumbnailExtension
+from tiler.limits import BodyLimitMiddleware, limits_dependency, mosaic_params, part_params, preview_params
 from tiler.reader import ItemReader, MosaicBackend, MosaicItemReader
 from tiler.routes import catalogue_router, presets_router
 from tiler.settings import Settings
@@ -164,7 +164,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         docs_url="/api.html",
         root_path=api.root_path,
         lifespan=lifespan,
-        dependencies=[Depends(authorize)],
+        # caps first: a refused request reaches neither pgstac nor a reader
+        dependencies=[Depends(limits_dependency(settings.limits)), Depends(authorize)],
     )
 
     def renders_from_item(src: Any) -> dict:
@@ -184,6 +185,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         ),
     )
 
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.limits.max_body_bytes,
+        max_depth=settings.limits.max_body_depth,
+    )
     if api.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -232,7 +238,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
             layer_dependency=LayerParams,
             render_dependency=RenderParams,
             colormap_dependency=ColorMapParams,
-            assets_accessor_dependency=MosaicAssetsParams,
+            assets_accessor_dependency=mosaic_params(settings.limits),
+            img_part_dependency=part_params(settings.limits),
             environment_dependency=env_dep,
             supported_tms=supported_tms,
             extensions=[
@@ -277,6 +284,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         router_prefix="/collections/{collection_id}/items/{item_id}",
         add_viewer=True,
         get_renders=renders_from_item,
+        img_part_dependency=part_params(settings.limits),
+        img_preview_dependency=preview_params(settings.limits),
         layer_dependency=LayerParams,
         render_dependency=RenderParams,
         colormap_dependency=ColorMapParams,
@@ -298,6 +307,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     if api.enable_assets_endpoints:
         assets = TilerFactory(
             reader=SigningReader,
+            img_part_dependency=part_params(settings.limits),
+            img_preview_dependency=preview_params(settings.limits),
             path_dependency=AssetIdParams,
             router_prefix="/collections/{collection_id}/items/{item_id}/assets/{asset_id}",
             add_viewer=True,
@@ -317,6 +328,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     if settings.cog.enabled:
         cog = TilerFactory(
             path_dependency=cog_url_dependency(settings.cog),
+            img_part_dependency=part_params(settings.limits),
+            img_preview_dependency=preview_params(settings.limits),
             router_prefix="/cog",
             add_viewer=True,
             environment_dependency=env_dep,
