@@ -439,3 +439,42 @@ def test_report_refusal_times():
 def test_database_is_untouched_by_refusals(dsn):
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT to_regclass('pgstac.items')").fetchone()[0] is not None
+
+
+def test_thumbnail_of_a_search_without_bbox_reads_only_the_data_extent(client):
+    """Found by schemathesis: a search's bounds default to the world; its thumbnail warped a few
+    1.5 km scenes onto a planet-sized grid and took minutes. Cut to the collections' extent."""
+    r = client.post("/searches/register", json={"collections": [C]})
+    assert r.status_code == 200
+    t0 = time.perf_counter()
+    r = client.get(f"/searches/{r.json()['id']}/thumbnail.png", params={"size": 256})
+    elapsed = time.perf_counter() - t0
+    assert r.status_code == 200, r.text
+    assert elapsed < 10, elapsed
+    from tests.helpers import read_png
+
+    img = read_png(r.content)
+    assert (img[..., 3] > 0).mean() > 0.2  # the scenes fill the picture, not a speck on a world map
+
+
+def test_malformed_inputs_schemathesis_found_are_4xx(client, sample, item_url):
+    """5xx that schemathesis found (stock titiler answers them 500): each is now a clear 4xx."""
+    x, y = tile_of(sample)
+    feature = {"type": "Feature", "properties": {}, "geometry": sample.item(0)["geometry"]}
+    cases = [
+        ("GET", f"/collections/{C}/tiles/LAMB93/29447/1/1.tif", {"params": {"assets": "ms"}}, "`z`"),
+        ("GET", f"{item_url}/tiles/WebMercatorQuad/-1/{x}/{y}.tif", {"params": {"assets": "ms"}}, "`z`"),
+        ("GET", f"{item_url}/preview/-85x-85.png", {"params": {"assets": "ms"}}, "`width`"),
+        ("GET", f"{item_url}/bbox/-85,-85,-85,-85.png", {"params": {"assets": "ms"}}, "`bbox`"),
+        ("GET", f"{item_url}/bbox/3,44,2,45/10x10.png", {"params": {"assets": "ms"}}, "`bbox`"),
+        ("GET", f"{item_url}/info", {"params": {"assets": ""}}, "`assets`"),
+        ("GET", f"{item_url}/preview.png", {"params": {"assets": "ms", "nodata": "inf"}}, "`nodata`"),
+        ("GET", f"{item_url}/point/-85,-85", {"params": {"assets": "ms"}}, "outside"),
+        ("POST", f"{item_url}/feature.png", {"params": {"assets": "ms"}, "json": {**feature, "geometry": None}}, "geometry"),
+        ("POST", f"{item_url}/statistics", {"params": {"assets": "ms"}, "json": {"type": "Feature", "properties": {}, "geometry": {"type": "Point", "coordinates": [1e300, 2]}}}, "coordinate"),
+        ("POST", f"/collections/{C}/feature.png", {"params": {"assets": "ms"}, "json": {**feature, "bbox": [1, 2, 3, 4, 5, 6]}}, "bbox"),
+    ]
+    for method, url, kwargs, word in cases:
+        r = client.request(method, url, **kwargs)
+        assert 400 <= r.status_code < 500, (url, r.status_code, r.text[:200])
+        assert word in r.json()["detail"], (url, r.json())

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from psycopg import OperationalError
 from psycopg_pool import PoolTimeout
 from rasterio.errors import RasterioIOError
+from rio_tiler.errors import PointOutsideBounds
 from starlette import status
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -62,6 +63,7 @@ STATUS_CODES: dict[type[Exception], int] = {
     InvalidPansharpenParameters: status.HTTP_400_BAD_REQUEST,
     InvalidPreset: status.HTTP_400_BAD_REQUEST,
     LimitExceeded: status.HTTP_400_BAD_REQUEST,
+    PointOutsideBounds: status.HTTP_404_NOT_FOUND,
     InvalidFilter: status.HTTP_400_BAD_REQUEST,
 }
 
@@ -142,6 +144,23 @@ def _failed_query(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+_FILL_VALUE = re.compile(r"^Cannot convert fill_value (\S+) to dtype (\w+)")
+
+
+def _type_error(request: Request, exc: Exception) -> JSONResponse:
+    """A ``nodata`` the band's type cannot hold (``inf`` on uint16) is the caller's 400.
+
+    Any other TypeError is a bug: 500, as titiler's catch-all answers it.
+    """
+    if m := _FILL_VALUE.match(str(exc)):
+        return JSONResponse(
+            {"detail": f"`nodata` {m.group(1)} cannot be represented in the data type ({m.group(2)})"},
+            status_code=status.HTTP_400_BAD_REQUEST,
+        )
+    logger.error("unhandled error on %s", request.url.path, exc_info=exc)
+    return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)
+
+
 def register_error_handlers(app: FastAPI) -> None:
     """Install the status table, then our handlers for upstream and database faults."""
     add_exception_handlers(app, STATUS_CODES)
@@ -149,5 +168,6 @@ def register_error_handlers(app: FastAPI) -> None:
     for exc in CALLER_DATABASE_ERRORS:
         app.add_exception_handler(exc, _refused_query)
     app.add_exception_handler(RasterioIOError, _upstream_error)
+    app.add_exception_handler(TypeError, _type_error)
     app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(PoolTimeout, _database_error)

@@ -19,13 +19,14 @@ Three pieces, all configured by `tiler.settings.LimitSettings`:
 # no `from __future__ import annotations`: FastAPI reads the annotations of the
 # dataclasses built inside functions below at runtime
 import json
+import math
 import re
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from cql2 import Expr
-from fastapi import Query
+from fastapi import HTTPException, Query
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -183,6 +184,8 @@ def _check_bands(limits: LimitSettings, q: Any) -> None:
         raise _over("assets", len(assets), limits.max_bands, "assets")
     bands = 0
     for asset in assets:
+        if not asset.split("|", 1)[0].strip():
+            raise LimitExceeded("`assets` has an empty asset name")
         for option in asset.split("|")[1:]:
             key, _, value = option.partition("=")
             if key in ("bidx", "bands"):
@@ -193,7 +196,27 @@ def _check_bands(limits: LimitSettings, q: Any) -> None:
         raise _over("assets", bands, limits.max_bands, "bands")
 
 
+def _at_least_one(name: str, value: float | None) -> None:
+    if value is not None and value < 1:
+        raise LimitExceeded(f"`{name}` must be at least 1 (got {value:g})")
+
+
+def _check_bbox(p: dict) -> None:
+    """``/bbox/{minx},{miny},{maxx},{maxy}``: a non-empty box of finite numbers."""
+    coords = [_number(p.get(k)) for k in ("minx", "miny", "maxx", "maxy")]
+    if any(c is None for c in coords):
+        return  # absent or not numbers: FastAPI answers
+    minx, miny, maxx, maxy = coords  # type: ignore[misc]
+    if not all(math.isfinite(c) for c in coords) or not (minx < maxx and miny < maxy):
+        raise LimitExceeded("`bbox` must be finite with minx < maxx and miny < maxy")
+
+
 def _check_sizes(limits: LimitSettings, template: str, q: Any, p: dict) -> None:
+    z = _cap("z", p.get("z"), limits.max_zoom)
+    if z is not None and z < 0:
+        raise LimitExceeded(f"`z` must not be negative (got {p['z']})")
+    _check_bbox(p)
+    _at_least_one("tilesize", _number(q.get("tilesize")))
     for name, cap in (("tilesize", limits.max_tilesize), ("buffer", limits.max_buffer), ("padding", limits.max_padding)):
         _cap(name, q.get(name), cap)
     if "/statistics" in template:
@@ -205,6 +228,7 @@ def _check_sizes(limits: LimitSettings, template: str, q: Any, p: dict) -> None:
     sizes = {}
     for name in ("width", "height", "max_size"):
         sizes[name] = _cap(name, p.get(name) or q.get(name), side)
+        _at_least_one(name, sizes[name])
     if "/thumbnail" in template:
         _cap("size", q.get("size"), limits.max_preview_size)
     width, height = sizes["width"], sizes["height"]
@@ -248,6 +272,52 @@ def check_search_body(limits: LimitSettings, body: Any) -> None:
         raise _over("body", items, limits.max_filter_items, "list length")
 
 
+#: coordinates beyond this (in any CRS) cannot be a place on Earth
+MAX_COORDINATE = 1e9
+
+
+def _numbers(value: Any) -> Iterator[Any]:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        else:
+            yield v
+
+
+def check_geojson(body: Any) -> None:
+    """A GeoJSON Feature (or FeatureCollection) body: geometries present, coordinates finite and plausible."""
+    if not isinstance(body, dict):
+        return  # FastAPI answers 422
+    features = body.get("features") if body.get("type") == "FeatureCollection" else [body]
+    if not isinstance(features, list):
+        return
+    for f in features:
+        if not isinstance(f, dict):
+            continue
+        geometry = f.get("geometry")
+        if geometry is None:
+            raise HTTPException(400, "The GeoJSON body has a Feature without `geometry`")
+        geometries = [geometry]
+        if f.get("bbox") is not None and len(f["bbox"]) != 4:
+            raise HTTPException(400, "The GeoJSON body's `bbox` must have 4 numbers")
+        while geometries:
+            g = geometries.pop()
+            if not isinstance(g, dict):
+                continue
+            if g.get("bbox") is not None and len(g["bbox"]) != 4:
+                raise HTTPException(400, "The GeoJSON body's `bbox` must have 4 numbers")
+            geometries.extend(g.get("geometries") or [])
+            for c in _numbers(g.get("coordinates")):
+                if isinstance(c, bool) or not isinstance(c, int | float):
+                    continue  # FastAPI answers 422
+                if abs(c) > MAX_COORDINATE or (isinstance(c, float) and not math.isfinite(c)):
+                    raise HTTPException(
+                        400, f"The GeoJSON body has a coordinate that is not finite or over {MAX_COORDINATE:g}"
+                    )
+
+
 def limits_dependency(limits: LimitSettings) -> Callable[[Request], Awaitable[None]]:
     """Application-wide dependency refusing (400) any request over a cap of ``limits``.
 
@@ -264,12 +334,16 @@ def limits_dependency(limits: LimitSettings) -> Callable[[Request], Awaitable[No
         _check_bands(limits, q)
         _check_statistics(limits, q)
         _check_search_query(limits, q)
-        if template == "/searches/register" and request.method == "POST":
-            try:
-                body = await request.json()  # already read and parsed by FastAPI
-            except Exception:  # noqa: BLE001 - FastAPI reports malformed bodies
-                return
+        if request.method != "POST":
+            return
+        try:
+            body = await request.json()  # already read and parsed by FastAPI
+        except Exception:  # noqa: BLE001 - FastAPI reports malformed bodies
+            return
+        if template == "/searches/register":
             check_search_body(limits, body)
+        elif "/feature" in template or "/statistics" in template:
+            check_geojson(body)
 
     return enforce_limits
 
