@@ -9,6 +9,7 @@ import psycopg
 from fastapi import FastAPI
 from psycopg import OperationalError
 from psycopg_pool import PoolTimeout
+from rasterio._err import CPLE_BaseError
 from rasterio.errors import RasterioIOError
 from rio_tiler.errors import PointOutsideBounds
 from starlette import status
@@ -161,6 +162,21 @@ def _type_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)
 
 
+def _gdal_error(request: Request, exc: Exception) -> JSONResponse:
+    """GDAL/PROJ errors: PROJ refusing coordinates is the caller's 400; the rest a 500 without paths."""
+    text = str(exc)
+    if text.startswith("PROJ:"):
+        return JSONResponse(
+            {"detail": f"Coordinates cannot be transformed: {text[5:].strip()[:200]}"},
+            status_code=status.HTTP_400_BAD_REQUEST,
+        )
+    logger.error("GDAL error on %s: %s", request.url.path, shorten_urls(text))
+    return JSONResponse(
+        {"detail": f"Could not process the imagery: {shorten_urls(text)[:300]}"},
+        status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
+    )
+
+
 def register_error_handlers(app: FastAPI) -> None:
     """Install the status table, then our handlers for upstream and database faults."""
     add_exception_handlers(app, STATUS_CODES)
@@ -169,5 +185,6 @@ def register_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(exc, _refused_query)
     app.add_exception_handler(RasterioIOError, _upstream_error)
     app.add_exception_handler(TypeError, _type_error)
+    app.add_exception_handler(CPLE_BaseError, _gdal_error)
     app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(PoolTimeout, _database_error)

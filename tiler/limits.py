@@ -39,6 +39,8 @@ from tiler.settings import LimitSettings
 
 #: operands of a band-math expression: names (bands, functions) and numbers
 _OPERAND = re.compile(r"[A-Za-z_][A-Za-z0-9_:.]*|\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?")
+#: coordinates beyond this (in any CRS) cannot be a place on Earth
+MAX_COORDINATE = 1e9
 _PROPERTY = re.compile(r"[A-Za-z_][A-Za-z0-9_:.\-]{0,127}")
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _JSON_BRACKET = re.compile(rb"[\[\]{}]")
@@ -201,21 +203,34 @@ def _at_least_one(name: str, value: float | None) -> None:
         raise LimitExceeded(f"`{name}` must be at least 1 (got {value:g})")
 
 
-def _check_bbox(p: dict) -> None:
-    """``/bbox/{minx},{miny},{maxx},{maxy}``: a non-empty box of finite numbers."""
-    coords = [_number(p.get(k)) for k in ("minx", "miny", "maxx", "maxy")]
-    if any(c is None for c in coords):
-        return  # absent or not numbers: FastAPI answers
-    minx, miny, maxx, maxy = coords  # type: ignore[misc]
-    if not all(math.isfinite(c) for c in coords) or not (minx < maxx and miny < maxy):
-        raise LimitExceeded("`bbox` must be finite with minx < maxx and miny < maxy")
+def _check_coordinates(p: dict, q: Any) -> None:
+    """``/bbox/{minx},{miny},{maxx},{maxy}`` (a non-empty box) and ``/point/{lon},{lat}``.
+
+    Longitudes and latitudes unless ``coord_crs`` is given; then finite and under
+    `MAX_COORDINATE` (PROJ fails on anything beyond a place on Earth).
+    """
+    geographic = not q.get("coord_crs")
+    for names, what in ((("minx", "miny", "maxx", "maxy"), "bbox"), (("lon", "lat"), "point")):
+        coords = [_number(p.get(k)) for k in names]
+        if any(c is None for c in coords):
+            continue  # absent or not numbers: FastAPI answers
+        xs, ys = coords[0::2], coords[1::2]
+        if geographic:
+            ok = all(-180 <= x <= 180 for x in xs) and all(-90 <= y <= 90 for y in ys)
+        else:
+            ok = all(math.isfinite(c) and abs(c) <= MAX_COORDINATE for c in coords)  # type: ignore[arg-type]
+        if not ok:
+            unit = "longitudes and latitudes" if geographic else f"finite and within {MAX_COORDINATE:g}"
+            raise LimitExceeded(f"`{what}` coordinates must be {unit}")
+        if what == "bbox" and not (coords[0] < coords[2] and coords[1] < coords[3]):  # type: ignore[operator]
+            raise LimitExceeded("`bbox` must have minx < maxx and miny < maxy")
 
 
 def _check_sizes(limits: LimitSettings, template: str, q: Any, p: dict) -> None:
     z = _cap("z", p.get("z"), limits.max_zoom)
     if z is not None and z < 0:
         raise LimitExceeded(f"`z` must not be negative (got {p['z']})")
-    _check_bbox(p)
+    _check_coordinates(p, q)
     _at_least_one("tilesize", _number(q.get("tilesize")))
     for name, cap in (("tilesize", limits.max_tilesize), ("buffer", limits.max_buffer), ("padding", limits.max_padding)):
         _cap(name, q.get(name), cap)
@@ -270,10 +285,6 @@ def check_search_body(limits: LimitSettings, body: Any) -> None:
     items = longest_list(body)
     if items > limits.max_filter_items:
         raise _over("body", items, limits.max_filter_items, "list length")
-
-
-#: coordinates beyond this (in any CRS) cannot be a place on Earth
-MAX_COORDINATE = 1e9
 
 
 def _numbers(value: Any) -> Iterator[Any]:
