@@ -177,6 +177,15 @@ def _gdal_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _index_error(request: Request, exc: Exception) -> JSONResponse:
+    """A "band index N out of range" (rasterio) is the caller's 400; any other IndexError a 500."""
+    text = str(exc)
+    if text.startswith("band index"):
+        return JSONResponse({"detail": f"`bidx`: {text}"}, status_code=status.HTTP_400_BAD_REQUEST)
+    logger.error("unhandled error on %s", request.url.path, exc_info=exc)
+    return JSONResponse({"detail": text}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)
+
+
 def register_error_handlers(app: FastAPI) -> None:
     """Install the status table, then our handlers for upstream and database faults."""
     add_exception_handlers(app, STATUS_CODES)
@@ -185,6 +194,7 @@ def register_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(exc, _refused_query)
     app.add_exception_handler(RasterioIOError, _upstream_error)
     app.add_exception_handler(TypeError, _type_error)
+    app.add_exception_handler(IndexError, _index_error)
     app.add_exception_handler(CPLE_BaseError, _gdal_error)
     app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(PoolTimeout, _database_error)

@@ -181,6 +181,8 @@ def _check_bands(limits: LimitSettings, q: Any) -> None:
     bidx = q.getlist("bidx")
     if len(bidx) > limits.max_bands:
         raise _over("bidx", len(bidx), limits.max_bands, "bands")
+    for v in bidx:
+        _at_least_one("bidx", _number(v))
     assets = q.getlist("assets")
     if len(assets) > limits.max_bands:
         raise _over("assets", len(assets), limits.max_bands, "assets")
@@ -230,6 +232,13 @@ def _check_sizes(limits: LimitSettings, template: str, q: Any, p: dict) -> None:
     z = _cap("z", p.get("z"), limits.max_zoom)
     if z is not None and z < 0:
         raise LimitExceeded(f"`z` must not be negative (got {p['z']})")
+    for name in ("minzoom", "maxzoom"):
+        zoom = _cap(name, q.get(name), limits.max_zoom)
+        if zoom is not None and zoom < 0:
+            raise LimitExceeded(f"`{name}` must not be negative (got {q[name]})")
+    for value in q.getlist("zooms"):  # `tileMatrixSetId::minzoom,maxzoom`
+        for zoom in value.rpartition("::")[2].split(","):
+            _cap("zooms", zoom, limits.max_zoom)
     _check_coordinates(p, q)
     _at_least_one("tilesize", _number(q.get("tilesize")))
     for name, cap in (("tilesize", limits.max_tilesize), ("buffer", limits.max_buffer), ("padding", limits.max_padding)):
@@ -262,6 +271,9 @@ def _check_statistics(limits: LimitSettings, q: Any) -> None:
         values = q.getlist(name)
         if len(values) > limits.max_histogram_bins:
             raise _over(name, len(values), limits.max_histogram_bins, "values")
+    for v in q.getlist("p"):
+        if (n := _number(v)) is not None and not 0 <= n <= 100:
+            raise LimitExceeded(f"`p` percentiles must be between 0 and 100 (got {v})")
 
 
 def _check_search_query(limits: LimitSettings, q: Any) -> None:

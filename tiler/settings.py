@@ -261,7 +261,7 @@ class LimitSettings(BaseSettings):
     refused but clamped: a request asking for more gets the cap.
     """
 
-    max_zoom: int = Field(default=30, ge=0, description="Tile matrix (zoom) `z` of tile requests.")
+    max_zoom: int = Field(default=30, ge=0, description="Zoom levels: tile `z`, `minzoom`, `maxzoom`, `zooms`.")
     max_tilesize: int = Field(default=1024, ge=1, description="`tilesize` of tiles, TileJSON, WMTS, map.")
     max_buffer: float = Field(default=64, ge=0, description="Tile `buffer`, pixels on each side.")
     max_padding: int = Field(default=64, ge=0, description="Tile `padding`, pixels on each side.")
