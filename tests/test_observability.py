@@ -26,8 +26,8 @@ from tests.conftest import free_port, make_settings
 from tests.helpers import copy_items, lonlat_of_item_centre, mercator_tile
 from tiler import dependencies as tiler_dependencies
 from tiler.auth import mint_url_token
+from tiler.concurrency import RenderLimiter
 from tiler.ingest import load
-from tiler.limits import RenderLimiter
 from tiler.logs import log_handler
 from tiler.main import create_app
 from tiler.metrics import ORIGIN

@@ -5,16 +5,19 @@ from __future__ import annotations
 import logging
 import re
 
+import psycopg
 from fastapi import FastAPI
 from psycopg import OperationalError
 from psycopg_pool import PoolTimeout
+from rasterio._err import CPLE_BaseError
 from rasterio.errors import RasterioIOError
+from rio_tiler.errors import PointOutsideBounds
 from starlette import status
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from titiler.core.errors import DEFAULT_STATUS_CODES, TilerError, add_exception_handlers
 from titiler.mosaic.errors import MOSAIC_STATUS_CODES
-from titiler.pgstac.errors import PGSTAC_STATUS_CODES
+from titiler.pgstac.errors import PGSTAC_STATUS_CODES, BackendError
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,14 @@ class InvalidPreset(TilerError):
 
 class PresetNotFound(InvalidPreset):
     """``preset=`` names no preset of this collection or item."""
+
+
+class LimitExceeded(TilerError):
+    """A size, expression or filter over one of the server's caps (``TILER_LIMIT_*``)."""
+
+
+class InvalidFilter(TilerError):
+    """A CQL2 filter the server will not send to the catalogue (e.g. a malformed property name)."""
 
 
 # --------------------------------------------------------------------------- deadlines, upstream faults
@@ -100,12 +111,26 @@ STATUS_CODES: dict[type[Exception], int] = {
     UpstreamUnavailable: status.HTTP_503_SERVICE_UNAVAILABLE,
     UpstreamTimeout: status.HTTP_504_GATEWAY_TIMEOUT,
     UpstreamFailed: status.HTTP_502_BAD_GATEWAY,
+    LimitExceeded: status.HTTP_400_BAD_REQUEST,
+    PointOutsideBounds: status.HTTP_404_NOT_FOUND,
+    InvalidFilter: status.HTTP_400_BAD_REQUEST,
 }
 
 UPSTREAM_ERRORS = (UpstreamNotFound, UpstreamRefused, UpstreamUnavailable, UpstreamTimeout, UpstreamFailed)
 
 #: Retry-After (seconds) sent with these statuses.
 RETRY_AFTER = {status.HTTP_503_SERVICE_UNAVAILABLE: "5", status.HTTP_504_GATEWAY_TIMEOUT: "5"}
+
+#: Database errors a caller's search can cause (pgstac raises them on bad filters, unknown
+#: operators or properties, out-of-range limits): 400, with a generic message.
+CALLER_DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    psycopg.errors.DataError,
+    psycopg.errors.ProgrammingError,
+    psycopg.errors.RaiseException,
+    psycopg.errors.IntegrityError,
+    psycopg.errors.NotSupportedError,
+    BackendError,
+)
 
 _URL = re.compile(r"(?:https?|s3|gs|az)://[^\s'\"]+|/vsi\w+/[^\s'\"]+", re.IGNORECASE)
 
@@ -197,11 +222,86 @@ def _database_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _database_detail(exc: Exception) -> str:
+    """What the log may say about a database error: class, SQLSTATE and the first line only."""
+    cause = exc.__cause__ if isinstance(exc, BackendError) and exc.__cause__ is not None else exc
+    sqlstate = getattr(cause, "sqlstate", None) or "-"
+    first = (str(cause).splitlines() or [""])[0][:200]
+    return f"{type(cause).__name__} [{sqlstate}] {shorten_urls(first)}"
+
+
+def _refused_query(request: Request, exc: Exception) -> JSONResponse:
+    """The catalogue refused the caller's search: 400 without the database's message or context."""
+    logger.warning("catalogue refused a query on %s: %s", request.url.path, _database_detail(exc))
+    return JSONResponse(
+        {
+            "detail": "The catalogue could not run this search: check the filter "
+            "(operators, property names, values) and the search parameters."
+        },
+        status_code=status.HTTP_400_BAD_REQUEST,
+    )
+
+
+def _failed_query(request: Request, exc: Exception) -> JSONResponse:
+    """Any other database error: 500 without the database's message."""
+    logger.error("catalogue query failed on %s: %s", request.url.path, _database_detail(exc))
+    return JSONResponse(
+        {"detail": "The catalogue query failed."}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR
+    )
+
+
+_FILL_VALUE = re.compile(r"^Cannot convert fill_value (\S+) to dtype (\w+)")
+
+
+def _type_error(request: Request, exc: Exception) -> JSONResponse:
+    """A ``nodata`` the band's type cannot hold (``inf`` on uint16) is the caller's 400.
+
+    Any other TypeError is a bug: 500, as titiler's catch-all answers it.
+    """
+    if m := _FILL_VALUE.match(str(exc)):
+        return JSONResponse(
+            {"detail": f"`nodata` {m.group(1)} cannot be represented in the data type ({m.group(2)})"},
+            status_code=status.HTTP_400_BAD_REQUEST,
+        )
+    logger.error("unhandled error on %s", request.url.path, exc_info=exc)
+    return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)
+
+
+def _gdal_error(request: Request, exc: Exception) -> JSONResponse:
+    """GDAL/PROJ errors: PROJ refusing coordinates is the caller's 400; the rest a 500 without paths."""
+    text = str(exc)
+    if text.startswith("PROJ:"):
+        return JSONResponse(
+            {"detail": f"Coordinates cannot be transformed: {text[5:].strip()[:200]}"},
+            status_code=status.HTTP_400_BAD_REQUEST,
+        )
+    logger.error("GDAL error on %s: %s", request.url.path, shorten_urls(text))
+    return JSONResponse(
+        {"detail": f"Could not process the imagery: {shorten_urls(text)[:300]}"},
+        status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
+    )
+
+
+def _index_error(request: Request, exc: Exception) -> JSONResponse:
+    """A "band index N out of range" (rasterio) is the caller's 400; any other IndexError a 500."""
+    text = str(exc)
+    if text.startswith("band index"):
+        return JSONResponse({"detail": f"`bidx`: {text}"}, status_code=status.HTTP_400_BAD_REQUEST)
+    logger.error("unhandled error on %s", request.url.path, exc_info=exc)
+    return JSONResponse({"detail": text}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)
+
+
 def register_error_handlers(app: FastAPI) -> None:
     """Install the status table, then our handlers for upstream and database faults."""
     add_exception_handlers(app, STATUS_CODES)
+    app.add_exception_handler(psycopg.Error, _failed_query)
+    for exc in CALLER_DATABASE_ERRORS:
+        app.add_exception_handler(exc, _refused_query)
     app.add_exception_handler(RasterioIOError, _upstream_error)
     for exc in (DeadlineExceeded, RequestCancelled, *UPSTREAM_ERRORS):
         app.add_exception_handler(exc, _fault)
+    app.add_exception_handler(TypeError, _type_error)
+    app.add_exception_handler(IndexError, _index_error)
+    app.add_exception_handler(CPLE_BaseError, _gdal_error)
     app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(PoolTimeout, _database_error)

@@ -19,12 +19,13 @@ from rio_tiler.constants import WGS84_CRS
 from rio_tiler.utils import render
 from starlette.requests import Request
 from starlette.responses import Response
+from titiler.core.errors import TileNotFoundError
 from titiler.core.factory import FactoryExtension
 from titiler.core.resources.enums import ImageType
 
 from tiler import __version__
 from tiler.cache import not_modified
-from tiler.dependencies import newest_item
+from tiler.dependencies import collection_document, newest_item, search_collection_ids
 
 WEB_MERCATOR = CRS.from_epsg(3857)
 
@@ -192,7 +193,7 @@ class mosaicThumbnailExtension(FactoryExtension):  # noqa: N801 - titiler naming
                     **backend_params.as_dict(),
                 ) as src_dst:
                     image, _ = src_dst.part(
-                        src_dst.bounds,
+                        data_extent(pool, src_path, src_dst.bounds),
                         bounds_crs=WGS84_CRS,
                         dst_crs=WEB_MERCATOR,
                         max_size=size,
@@ -204,6 +205,36 @@ class mosaicThumbnailExtension(FactoryExtension):  # noqa: N801 - titiler naming
             if post_process:
                 image = post_process(image)
             return _picture(factory, image, fmt, background, colormap, render_params, headers)
+
+
+#: Latitudes Web Mercator can show.
+MERCATOR_LAT = 85.0511
+
+
+def data_extent(pool: Any, search_id: str, bounds: Any) -> tuple[float, float, float, float]:
+    """The mosaic's bounds cut to its collections' spatial extent (and to Web Mercator).
+
+    A search registered without a bbox has the whole world as bounds: reading a few
+    small scenes over the world would warp them onto a planet-sized grid (minutes per
+    request). Cut to the data, the thumbnail reads what exists.
+    """
+    west, south, east, north = (float(v) for v in bounds)
+    boxes = []
+    for collection in search_collection_ids(pool, search_id):
+        doc = collection_document(pool, collection) or {}
+        bbox = ((doc.get("extent") or {}).get("spatial") or {}).get("bbox") or []
+        if bbox and len(bbox[0]) >= 4:
+            b = bbox[0]
+            boxes.append((b[0], b[1], b[-2], b[-1]) if len(b) == 4 else (b[0], b[1], b[3], b[4]))
+    if boxes:
+        west = max(west, min(b[0] for b in boxes))
+        south = max(south, min(b[1] for b in boxes))
+        east = min(east, max(b[2] for b in boxes))
+        north = min(north, max(b[3] for b in boxes))
+    south, north = max(south, -MERCATOR_LAT), min(north, MERCATOR_LAT)
+    if west >= east or south >= north:
+        raise TileNotFoundError("The mosaic's bounds do not meet its collections' extent")
+    return west, south, east, north
 
 
 def _picture(

@@ -47,6 +47,7 @@ from titiler.pgstac.factory import (
 from tiler import __version__
 from tiler.access import Authenticator, UrlTokenMiddleware, auth_router, authorize, restricted_search_params
 from tiler.cache import CachedRoute, CachePolicyMiddleware, TileCache
+from tiler.concurrency import RenderLimiter, render_slot
 from tiler.db import connection_budget, database_ok, open_pool, pgstac_version
 from tiler.deadline import DeadlineMiddleware
 from tiler.dependencies import (
@@ -54,7 +55,6 @@ from tiler.dependencies import (
     ColorMapParams,
     ItemParams,
     LayerParams,
-    MosaicAssetsParams,
     PresetContext,
     RenderParams,
     cog_url_dependency,
@@ -65,7 +65,7 @@ from tiler.dependencies import (
 )
 from tiler.errors import register_error_handlers
 from tiler.factory import mosaicThumbnailExtension, thumbnailExtension
-from tiler.limits import RenderLimiter, render_slot
+from tiler.limits import BodyLimitMiddleware, limits_dependency, mosaic_params, part_params, preview_params
 from tiler.logs import configure_logging, redact_library_logs
 from tiler.metrics import ORIGIN, ObservabilityMiddleware, metrics_router
 from tiler.reader import ItemReader, MosaicBackend, MosaicItemReader
@@ -207,8 +207,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         docs_url="/api.html",
         root_path=api.root_path,
         lifespan=lifespan,
-        # render_slot first: a refused render costs no thread and no database connection
-        dependencies=[Depends(render_slot, scope="function"), Depends(authorize)],
+        # caps first (a refused request reaches neither pgstac nor a reader), then the render
+        # slot (a refused render costs no thread and no database connection), then the rights
+        dependencies=[
+            Depends(limits_dependency(settings.limits)),
+            Depends(render_slot, scope="function"),
+            Depends(authorize),
+        ],
     )
     app.state.render_limiter = RenderLimiter(api.max_renders, api.render_queue, api.queue_timeout)
 
@@ -234,6 +239,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
     # innermost: the 504 still goes through CORS, cache policy and compression
     app.state.late_requests = set()  # requests answered 504 whose render still runs
     app.add_middleware(DeadlineMiddleware, timeout=api.request_timeout, abandoned=app.state.late_requests)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.limits.max_body_bytes,
+        max_depth=settings.limits.max_body_depth,
+    )
     if api.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -285,7 +295,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
             layer_dependency=LayerParams,
             render_dependency=RenderParams,
             colormap_dependency=ColorMapParams,
-            assets_accessor_dependency=MosaicAssetsParams,
+            assets_accessor_dependency=mosaic_params(settings.limits),
+            img_part_dependency=part_params(settings.limits),
             environment_dependency=env_dep,
             supported_tms=supported_tms,
             optional_headers=[OptionalHeader.server_timing, OptionalHeader.x_assets],
@@ -332,6 +343,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         router_prefix="/collections/{collection_id}/items/{item_id}",
         add_viewer=True,
         get_renders=renders_from_item,
+        img_part_dependency=part_params(settings.limits),
+        img_preview_dependency=preview_params(settings.limits),
         layer_dependency=LayerParams,
         render_dependency=RenderParams,
         colormap_dependency=ColorMapParams,
@@ -354,6 +367,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         assets = TilerFactory(
             router=APIRouter(route_class=CachedRoute),
             reader=SigningReader,
+            img_part_dependency=part_params(settings.limits),
+            img_preview_dependency=preview_params(settings.limits),
             path_dependency=AssetIdParams,
             router_prefix="/collections/{collection_id}/items/{item_id}/assets/{asset_id}",
             add_viewer=True,
@@ -375,6 +390,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
             router=APIRouter(route_class=CachedRoute),
             reader=SigningReader,
             path_dependency=cog_url_dependency(settings.cog),
+            img_part_dependency=part_params(settings.limits),
+            img_preview_dependency=preview_params(settings.limits),
             router_prefix="/cog",
             add_viewer=True,
             environment_dependency=env_dep,

@@ -12,6 +12,8 @@ Environment variables (see README's table):
 * ``TILER_UPSTREAM_*``: credentials the server presents to COG hosts.
 * ``TILER_CACHE_*``: the cache of rendered tiles (in-process, and optionally a shared Redis).
 * ``TILER_METRICS_*``, ``TILER_LOG_FORMAT``: Prometheus metrics and logs.
+* ``TILER_LIMIT_*``: caps on every size a caller controls (tiles, previews,
+  exports, statistics, expressions, CQL2 filters, mosaic searches).
 
 titiler-pgstac reads a few of its own variables (``TITILER_PGSTAC_CACHE_*``,
 ``TITILER_PGSTAC_SEARCH_*``, ``MOSAIC_CONCURRENCY``); they keep working.
@@ -19,6 +21,7 @@ titiler-pgstac reads a few of its own variables (``TITILER_PGSTAC_CACHE_*``,
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Annotated, Literal
 from urllib.parse import quote, urlsplit
@@ -432,6 +435,73 @@ class ObservabilitySettings(BaseSettings):
         return v
 
 
+class LimitSettings(BaseSettings):
+    """Caps on what a caller may ask for; over a cap the answer is a 400 before any read.
+
+    Mosaic search limits (``scan_limit``, ``items_limit``, ``time_limit``) are not
+    refused but clamped: a request asking for more gets the cap.
+    """
+
+    max_zoom: int = Field(
+        default=30, ge=0, description="Zoom levels: tile `z`, `minzoom`, `maxzoom`, `zooms`."
+    )
+    max_tilesize: int = Field(default=1024, ge=1, description="`tilesize` of tiles, TileJSON, WMTS, map.")
+    max_buffer: float = Field(default=64, ge=0, description="Tile `buffer`, pixels on each side.")
+    max_padding: int = Field(default=64, ge=0, description="Tile `padding`, pixels on each side.")
+    max_preview_size: int = Field(
+        default=2048, ge=1, description="Preview and thumbnail `width`, `height`, `max_size`, `size`."
+    )
+    max_part_size: int = Field(
+        default=4096,
+        ge=1,
+        description="Longer side of a bbox/feature export (`width`, `height`, `max_size`).",
+    )
+    max_part_pixels: int = Field(
+        default=4096 * 2048,
+        ge=1,
+        description=(
+            "Output pixels (width x height) of a bbox/feature export. Without a size, an export is read "
+            "at native resolution up to the largest square within this and `max_part_size`."
+        ),
+    )
+    max_statistics_size: int = Field(
+        default=2048, ge=1, description="Statistics `max_size`, `width`, `height` (GET and POST)."
+    )
+    max_histogram_bins: int = Field(
+        default=1000, ge=1, description="`histogram_bins` (count or edges), percentiles `p`, categories `c`."
+    )
+    max_bands: int = Field(
+        default=32, ge=1, description="Bands one request may read: `bidx` values, assets, per-asset bands."
+    )
+    max_expression_length: int = Field(default=1024, ge=1, description="Characters of an `expression`.")
+    max_expression_terms: int = Field(
+        default=100, ge=1, description="Operands (band names, numbers, functions) of an `expression`."
+    )
+    max_filter_bytes: int = Field(
+        default=16384, ge=1, description="CQL2 `filter` or `query`, bytes of text/JSON."
+    )
+    max_filter_depth: int = Field(
+        default=20, ge=1, description="Nesting depth of a CQL2 filter or query (JSON objects and arrays)."
+    )
+    max_filter_items: int = Field(
+        default=1000,
+        ge=1,
+        description="Elements of any list in a search or filter (`in` arrays, `ids`, `collections`, coordinates).",
+    )
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1, description="Request body, bytes (413 beyond).")
+    max_body_depth: int = Field(default=32, ge=1, description="Nesting depth of a JSON request body.")
+    max_scan_limit: int = Field(default=10000, ge=1, description="Mosaic `scan_limit` (clamped).")
+    max_items_limit: int = Field(default=100, ge=1, description="Mosaic `items_limit` (clamped).")
+    max_time_limit: int = Field(default=5, ge=1, description="Mosaic `time_limit`, seconds (clamped).")
+
+    model_config = SettingsConfigDict(env_prefix="TILER_LIMIT_", extra="ignore")
+
+    @property
+    def default_part_max_size(self) -> int:
+        """``max_size`` of an export that gives no size: native resolution within both caps."""
+        return max(1, min(self.max_part_size, math.isqrt(self.max_part_pixels)))
+
+
 class Settings(BaseSettings):
     """All settings of one application instance."""
 
@@ -443,6 +513,7 @@ class Settings(BaseSettings):
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     cache: TileCacheSettings = Field(default_factory=TileCacheSettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
 
     model_config = SettingsConfigDict(extra="ignore")
 
