@@ -94,7 +94,10 @@ def item_url(sample):
 def warm(client, sample, item_url):
     """One served request first, so that timings are not the app's first request."""
     x, y = tile_of(sample)
-    assert client.get(f"{item_url}/tiles/WebMercatorQuad/{Z}/{x}/{y}.tif", params={"assets": "ms"}).status_code == 200
+    assert (
+        client.get(f"{item_url}/tiles/WebMercatorQuad/{Z}/{x}/{y}.tif", params={"assets": "ms"}).status_code
+        == 200
+    )
 
 
 # --------------------------------------------------------------------------- sizes
@@ -111,30 +114,177 @@ def size_cases(sample, item_url):
         ("tilesize", "GET", tile, {"params": {"assets": "ms", "tilesize": 1025}}, "tilesize", 1024),
         ("buffer", "GET", tile, {"params": {"assets": "ms", "buffer": 10000}}, "buffer", 64),
         ("padding", "GET", tile, {"params": {"assets": "ms", "padding": 65}}, "padding", 64),
-        ("tilejson tilesize", "GET", f"{item_url}/WebMercatorQuad/tilejson.json", {"params": {"assets": "ms", "tilesize": 4096}}, "tilesize", 1024),
-        ("preview max_size", "GET", f"{item_url}/preview.tif", {"params": {"assets": "ms", "max_size": 100000}}, "max_size", 2048),
-        ("preview width", "GET", f"{item_url}/preview/3000x10.png", {"params": {"assets": "ms"}}, "width", 2048),
+        (
+            "tilejson tilesize",
+            "GET",
+            f"{item_url}/WebMercatorQuad/tilejson.json",
+            {"params": {"assets": "ms", "tilesize": 4096}},
+            "tilesize",
+            1024,
+        ),
+        (
+            "preview max_size",
+            "GET",
+            f"{item_url}/preview.tif",
+            {"params": {"assets": "ms", "max_size": 100000}},
+            "max_size",
+            2048,
+        ),
+        (
+            "preview width",
+            "GET",
+            f"{item_url}/preview/3000x10.png",
+            {"params": {"assets": "ms"}},
+            "width",
+            2048,
+        ),
         ("thumbnail size", "GET", f"{item_url}/thumbnail.png", {"params": {"size": 5000}}, "size", 2048),
-        ("bbox side", "GET", f"{item_url}/bbox/{bbox}/5000x10.tif", {"params": {"assets": "ms"}}, "width", 4096),
-        ("bbox pixels", "GET", f"{item_url}/bbox/{bbox}/4096x4096.tif", {"params": {"assets": "ms"}}, "width` x `height", 8388608),
-        ("bbox max_size", "GET", f"{item_url}/bbox/{bbox}.tif", {"params": {"assets": "ms", "max_size": 4097}}, "max_size", 4096),
-        ("feature side", "POST", f"{item_url}/feature/10x5000.tif", {"params": {"assets": "ms"}, "json": feature}, "height", 4096),
-        ("statistics max_size", "GET", f"{item_url}/statistics", {"params": {"assets": "ms", "max_size": 100000}}, "max_size", 2048),
-        ("statistics POST max_size", "POST", f"{item_url}/statistics", {"params": {"assets": "ms", "max_size": 3000}, "json": feature}, "max_size", 2048),
-        ("histogram bins", "GET", f"{item_url}/statistics", {"params": {"assets": "ms", "histogram_bins": 1001}}, "histogram_bins", 1000),
-        ("percentiles", "GET", f"{item_url}/statistics", {"params": {"assets": "ms", "p": list(range(1001))}}, "p", 1000),
+        (
+            "bbox side",
+            "GET",
+            f"{item_url}/bbox/{bbox}/5000x10.tif",
+            {"params": {"assets": "ms"}},
+            "width",
+            4096,
+        ),
+        (
+            "bbox pixels",
+            "GET",
+            f"{item_url}/bbox/{bbox}/4096x4096.tif",
+            {"params": {"assets": "ms"}},
+            "width` x `height",
+            8388608,
+        ),
+        (
+            "bbox max_size",
+            "GET",
+            f"{item_url}/bbox/{bbox}.tif",
+            {"params": {"assets": "ms", "max_size": 4097}},
+            "max_size",
+            4096,
+        ),
+        (
+            "feature side",
+            "POST",
+            f"{item_url}/feature/10x5000.tif",
+            {"params": {"assets": "ms"}, "json": feature},
+            "height",
+            4096,
+        ),
+        (
+            "statistics max_size",
+            "GET",
+            f"{item_url}/statistics",
+            {"params": {"assets": "ms", "max_size": 100000}},
+            "max_size",
+            2048,
+        ),
+        (
+            "statistics POST max_size",
+            "POST",
+            f"{item_url}/statistics",
+            {"params": {"assets": "ms", "max_size": 3000}, "json": feature},
+            "max_size",
+            2048,
+        ),
+        (
+            "histogram bins",
+            "GET",
+            f"{item_url}/statistics",
+            {"params": {"assets": "ms", "histogram_bins": 1001}},
+            "histogram_bins",
+            1000,
+        ),
+        (
+            "percentiles",
+            "GET",
+            f"{item_url}/statistics",
+            {"params": {"assets": "ms", "p": list(range(1001))}},
+            "p",
+            1000,
+        ),
         ("bidx", "GET", tile, {"params": {"assets": "ms|bidx=" + ",".join(["1"] * 33)}}, "assets", 32),
-        ("asset tile buffer", "GET", f"{item_url}/assets/ms/tiles/WebMercatorQuad/{Z}/{x}/{y}.tif", {"params": {"buffer": 10000}}, "buffer", 64),
-        ("collection tile buffer", "GET", mosaic_tile, {"params": {"assets": "ms", "buffer": 10000}}, "buffer", 64),
-        ("collection bbox pixels", "GET", f"/collections/{C}/bbox/{bbox}/4000x4000.tif", {"params": {"assets": "ms"}}, "width` x `height", 8388608),
-        ("collection thumbnail", "GET", f"/collections/{C}/thumbnail.png", {"params": {"size": 99999}}, "size", 2048),
-        ("collection statistics", "POST", f"/collections/{C}/statistics", {"params": {"assets": "ms", "max_size": 99999}, "json": feature}, "max_size", 2048),
+        (
+            "asset tile buffer",
+            "GET",
+            f"{item_url}/assets/ms/tiles/WebMercatorQuad/{Z}/{x}/{y}.tif",
+            {"params": {"buffer": 10000}},
+            "buffer",
+            64,
+        ),
+        (
+            "collection tile buffer",
+            "GET",
+            mosaic_tile,
+            {"params": {"assets": "ms", "buffer": 10000}},
+            "buffer",
+            64,
+        ),
+        (
+            "collection bbox pixels",
+            "GET",
+            f"/collections/{C}/bbox/{bbox}/4000x4000.tif",
+            {"params": {"assets": "ms"}},
+            "width` x `height",
+            8388608,
+        ),
+        (
+            "collection thumbnail",
+            "GET",
+            f"/collections/{C}/thumbnail.png",
+            {"params": {"size": 99999}},
+            "size",
+            2048,
+        ),
+        (
+            "collection statistics",
+            "POST",
+            f"/collections/{C}/statistics",
+            {"params": {"assets": "ms", "max_size": 99999}, "json": feature},
+            "max_size",
+            2048,
+        ),
         # unknown search / item: the cap answers first, pgstac is not asked (else 404)
-        ("unknown search tile", "GET", f"/searches/0000deadbeef/tiles/WebMercatorQuad/{Z}/{x}/{y}.png", {"params": {"assets": "ms", "buffer": 10000}}, "buffer", 64),
-        ("unknown item preview", "GET", f"/collections/{C}/items/NOPE/preview.png", {"params": {"assets": "ms", "max_size": 99999}}, "max_size", 2048),
-        ("expression 3000 terms", "GET", tile, {"params": {"assets": "ms", "expression": "+".join(["b1"] * 3000)}}, "expression", 1024),
-        ("expression 101 operands", "GET", tile, {"params": {"assets": "ms", "expression": "+".join(["b1"] * 101)}}, "expression", 100),
-        ("asset expression", "GET", tile, {"params": {"assets": "ms|expression=" + "+".join(["b1"] * 101)}}, "assets", 100),
+        (
+            "unknown search tile",
+            "GET",
+            f"/searches/0000deadbeef/tiles/WebMercatorQuad/{Z}/{x}/{y}.png",
+            {"params": {"assets": "ms", "buffer": 10000}},
+            "buffer",
+            64,
+        ),
+        (
+            "unknown item preview",
+            "GET",
+            f"/collections/{C}/items/NOPE/preview.png",
+            {"params": {"assets": "ms", "max_size": 99999}},
+            "max_size",
+            2048,
+        ),
+        (
+            "expression 3000 terms",
+            "GET",
+            tile,
+            {"params": {"assets": "ms", "expression": "+".join(["b1"] * 3000)}},
+            "expression",
+            1024,
+        ),
+        (
+            "expression 101 operands",
+            "GET",
+            tile,
+            {"params": {"assets": "ms", "expression": "+".join(["b1"] * 101)}},
+            "expression",
+            100,
+        ),
+        (
+            "asset expression",
+            "GET",
+            tile,
+            {"params": {"assets": "ms|expression=" + "+".join(["b1"] * 101)}},
+            "assets",
+            100,
+        ),
     ]
 
 
@@ -147,8 +297,13 @@ def test_cog_endpoints_have_the_same_caps(client, sample, cog_server):
     url = f"{cog_server.url}/{sample.path(0, 'ms').name}"
     x, y = tile_of(sample)
     refused(
-        client, "cog buffer", "GET", f"/cog/tiles/WebMercatorQuad/{Z}/{x}/{y}.tif",
-        params={"url": url, "buffer": 10000}, names=("buffer",), cap=64,
+        client,
+        "cog buffer",
+        "GET",
+        f"/cog/tiles/WebMercatorQuad/{Z}/{x}/{y}.tif",
+        params={"url": url, "buffer": 10000},
+        names=("buffer",),
+        cap=64,
     )
     r = client.get(f"/cog/tiles/WebMercatorQuad/{Z}/{x}/{y}.tif", params={"url": url, "buffer": 64})
     assert r.status_code == 200, r.text
@@ -160,12 +315,30 @@ def test_refused_requests_read_no_pixel(client, sample, recorded):
     item = f"/collections/recorded/items/{sample.item(0)['id']}"
     x, y = tile_of(sample)
     before = len(recorded.ranges)
-    refused(client, "recorded buffer", "GET", f"{item}/tiles/WebMercatorQuad/{Z}/{x}/{y}.tif",
-            params={"assets": "ms", "buffer": 10000}, names=("buffer",))
-    refused(client, "recorded statistics", "GET", f"{item}/statistics",
-            params={"assets": "ms", "max_size": 10**6}, names=("max_size",))
-    refused(client, "recorded mosaic", "GET", f"/collections/recorded/tiles/WebMercatorQuad/{Z}/{x}/{y}.tif",
-            params={"assets": "ms", "tilesize": 10**5}, names=("tilesize",))
+    refused(
+        client,
+        "recorded buffer",
+        "GET",
+        f"{item}/tiles/WebMercatorQuad/{Z}/{x}/{y}.tif",
+        params={"assets": "ms", "buffer": 10000},
+        names=("buffer",),
+    )
+    refused(
+        client,
+        "recorded statistics",
+        "GET",
+        f"{item}/statistics",
+        params={"assets": "ms", "max_size": 10**6},
+        names=("max_size",),
+    )
+    refused(
+        client,
+        "recorded mosaic",
+        "GET",
+        f"/collections/recorded/tiles/WebMercatorQuad/{Z}/{x}/{y}.tif",
+        params={"assets": "ms", "tilesize": 10**5},
+        names=("tilesize",),
+    )
     assert len(recorded.ranges) == before
     # the same tile within the caps is read from that server (the check above can fail)
     r = client.get(f"{item}/tiles/WebMercatorQuad/{Z}/{x}/{y}.tif", params={"assets": "ms", "buffer": 2})
@@ -195,10 +368,22 @@ def test_huge_buffer_allocates_nothing(client, sample, item_url):
     t.start()
     try:
         for _ in range(5):
-            refused(client, "rss buffer", "GET", f"{item_url}/tiles/WebMercatorQuad/{Z}/{x}/{y}.png",
-                    params={"assets": "ms", "buffer": 10000}, names=("buffer",))
-            refused(client, "rss statistics", "GET", f"{item_url}/statistics",
-                    params={"assets": "ms", "max_size": 200000}, names=("max_size",))
+            refused(
+                client,
+                "rss buffer",
+                "GET",
+                f"{item_url}/tiles/WebMercatorQuad/{Z}/{x}/{y}.png",
+                params={"assets": "ms", "buffer": 10000},
+                names=("buffer",),
+            )
+            refused(
+                client,
+                "rss statistics",
+                "GET",
+                f"{item_url}/statistics",
+                params={"assets": "ms", "max_size": 200000},
+                names=("max_size",),
+            )
     finally:
         stop.set()
         t.join(5)
@@ -215,42 +400,101 @@ def test_values_at_the_caps_are_served(small, sample, item_url):
 
     r = small.get(tile, params={"assets": "ms", "tilesize": 512})
     assert r.status_code == 200 and read_tif(r.content)[0].shape[1:] == (512, 512)
-    refused(small, "small tilesize", "GET", tile, params={"assets": "ms", "tilesize": 513}, names=("tilesize",), cap=512)
+    refused(
+        small,
+        "small tilesize",
+        "GET",
+        tile,
+        params={"assets": "ms", "tilesize": 513},
+        names=("tilesize",),
+        cap=512,
+    )
 
     r = small.get(tile, params={"assets": "ms", "buffer": 8, "padding": 4})
     assert r.status_code == 200 and read_tif(r.content)[0].shape[1:] == (272, 272)
-    refused(small, "small buffer", "GET", tile, params={"assets": "ms", "buffer": 8.5}, names=("buffer",), cap=8)
-    refused(small, "small padding", "GET", tile, params={"assets": "ms", "padding": 5}, names=("padding",), cap=4)
+    refused(
+        small, "small buffer", "GET", tile, params={"assets": "ms", "buffer": 8.5}, names=("buffer",), cap=8
+    )
+    refused(
+        small, "small padding", "GET", tile, params={"assets": "ms", "padding": 5}, names=("padding",), cap=4
+    )
 
     r = small.get(f"{item_url}/preview/300x300.tif", params={"assets": "ms"})
     assert r.status_code == 200 and read_tif(r.content)[0].shape[1:] == (300, 300)
-    refused(small, "small preview", "GET", f"{item_url}/preview/301x300.tif", params={"assets": "ms"}, names=("width",), cap=300)
+    refused(
+        small,
+        "small preview",
+        "GET",
+        f"{item_url}/preview/301x300.tif",
+        params={"assets": "ms"},
+        names=("width",),
+        cap=300,
+    )
 
     r = small.get(f"{item_url}/thumbnail.png", params={"size": 300})
     assert r.status_code == 200
-    refused(small, "small thumbnail", "GET", f"{item_url}/thumbnail.png", params={"size": 301}, names=("size",), cap=300)
+    refused(
+        small,
+        "small thumbnail",
+        "GET",
+        f"{item_url}/thumbnail.png",
+        params={"size": 301},
+        names=("size",),
+        cap=300,
+    )
 
     r = small.get(f"{item_url}/bbox/{bbox}/400x200.tif", params={"assets": "ms"})
     assert r.status_code == 200 and read_tif(r.content)[0].shape[1:] == (200, 400)
-    refused(small, "small bbox pixels", "GET", f"{item_url}/bbox/{bbox}/400x201.tif", params={"assets": "ms"},
-            names=("width` x `height",), cap=80000)
+    refused(
+        small,
+        "small bbox pixels",
+        "GET",
+        f"{item_url}/bbox/{bbox}/400x201.tif",
+        params={"assets": "ms"},
+        names=("width` x `height",),
+        cap=80000,
+    )
     # an export without a size: native resolution, bounded by both caps (largest square: 282)
     r = small.get(f"{item_url}/bbox/{bbox}.tif", params={"assets": "pan"})
     assert r.status_code == 200 and max(read_tif(r.content)[0].shape[1:]) == 282
 
-    r = small.post(f"{item_url}/statistics", params={"assets": "ms", "max_size": 200, "histogram_bins": 20}, json=feature)
+    r = small.post(
+        f"{item_url}/statistics", params={"assets": "ms", "max_size": 200, "histogram_bins": 20}, json=feature
+    )
     assert r.status_code == 200, r.text
     stats = r.json()["properties"]["statistics"]
     assert all(len(band["histogram"][0]) == 20 for band in stats.values())
-    refused(small, "small statistics", "GET", f"{item_url}/statistics", params={"assets": "ms", "max_size": 201},
-            names=("max_size",), cap=200)
-    refused(small, "small bins", "GET", f"{item_url}/statistics", params={"assets": "ms", "histogram_bins": "0,1," + ",".join(map(str, range(2, 22)))},
-            names=("histogram_bins",), cap=20)
+    refused(
+        small,
+        "small statistics",
+        "GET",
+        f"{item_url}/statistics",
+        params={"assets": "ms", "max_size": 201},
+        names=("max_size",),
+        cap=200,
+    )
+    refused(
+        small,
+        "small bins",
+        "GET",
+        f"{item_url}/statistics",
+        params={"assets": "ms", "histogram_bins": "0,1," + ",".join(map(str, range(2, 22)))},
+        names=("histogram_bins",),
+        cap=20,
+    )
 
     expr = "+".join(["b1"] * 10)
     r = small.get(tile, params={"assets": "ms", "expression": expr})
     assert r.status_code == 200
-    refused(small, "small expression", "GET", tile, params={"assets": "ms", "expression": expr + "+b2"}, names=("expression",), cap=10)
+    refused(
+        small,
+        "small expression",
+        "GET",
+        tile,
+        params={"assets": "ms", "expression": expr + "+b2"},
+        names=("expression",),
+        cap=10,
+    )
     r = small.get(tile, params={"assets": "ms|bidx=3,2,1"})
     assert r.status_code == 200
     refused(small, "small bands", "GET", tile, params={"assets": "ms|bidx=4,3,2,1"}, names=("assets",), cap=3)
@@ -276,7 +520,10 @@ def test_mosaic_search_limits_are_clamped(client, small, sample):
     r = small.get(url, params=huge)
     assert r.status_code == 200 and len(r.json()) == 1, r.text
     # beyond PostgreSQL's integer range: clamped, not a database error (stock: 500)
-    r = client.get(f"/collections/{C}/tiles/WebMercatorQuad/{Z}/{x}/{y}.tif", params={"assets": "ms", "scan_limit": 10**12})
+    r = client.get(
+        f"/collections/{C}/tiles/WebMercatorQuad/{Z}/{x}/{y}.tif",
+        params={"assets": "ms", "scan_limit": 10**12},
+    )
     assert r.status_code == 200, r.text
     r = client.get(url, params={"scan_limit": -5})
     assert r.status_code == 422
@@ -325,7 +572,11 @@ def check_hostile(r, label: str, *words: str, echo: str = "") -> str:
 )
 def test_quotes_and_comments_in_property_names(client, db, prop):
     label = f"property {prop!r}"
-    body = {"collections": [C], "filter-lang": "cql2-json", "filter": {"op": "=", "args": [{"property": prop}, "x"]}}
+    body = {
+        "collections": [C],
+        "filter-lang": "cql2-json",
+        "filter": {"op": "=", "args": [{"property": prop}, "x"]},
+    }
     check_hostile(_register(client, label, body), label, "property name", echo=prop)
     # the same in CQL2 text on a collection mosaic
     quoted = '"' + prop.replace('"', '""') + '"'
@@ -336,13 +587,21 @@ def test_quotes_and_comments_in_property_names(client, db, prop):
 
 def test_deeply_nested_filters(client, small):
     check_hostile(
-        _register(client, "nesting 1000", f'{{"collections":["{C}"],"filter-lang":"cql2-json","filter":{_nested(1000)}}}'),
+        _register(
+            client,
+            "nesting 1000",
+            f'{{"collections":["{C}"],"filter-lang":"cql2-json","filter":{_nested(1000)}}}',
+        ),
         "nesting 1000",
         "nested",
     )
     # nested below the body cap but over the filter cap: named after the filter
     check_hostile(
-        _register(client, "nesting 12", f'{{"collections":["{C}"],"filter-lang":"cql2-json","filter":{_nested(12)}}}'),
+        _register(
+            client,
+            "nesting 12",
+            f'{{"collections":["{C}"],"filter-lang":"cql2-json","filter":{_nested(12)}}}',
+        ),
         "nesting 12",
         "`filter`",
         "nesting depth",
@@ -365,14 +624,23 @@ def test_deeply_nested_filters(client, small):
 
 
 def test_huge_in_lists(client):
-    big = {"collections": [C], "filter-lang": "cql2-json",
-           "filter": {"op": "in", "args": [{"property": "platform"}, [f"s{i}" for i in range(100_000)]]}}
+    big = {
+        "collections": [C],
+        "filter-lang": "cql2-json",
+        "filter": {"op": "in", "args": [{"property": "platform"}, [f"s{i}" for i in range(100_000)]]},
+    }
     check_hostile(_register(client, "in 100000", big), "in 100000", "`filter`", "16384")
-    small_values = {"collections": [C], "filter-lang": "cql2-json",
-                    "filter": {"op": "in", "args": [{"property": "eo:cloud_cover"}, list(range(1001))]}}
+    small_values = {
+        "collections": [C],
+        "filter-lang": "cql2-json",
+        "filter": {"op": "in", "args": [{"property": "eo:cloud_cover"}, list(range(1001))]},
+    }
     check_hostile(_register(client, "in 1001", small_values), "in 1001", "`filter`", "list length", "1000")
-    at_cap = {"collections": [C], "filter-lang": "cql2-json",
-              "filter": {"op": "in", "args": [{"property": "eo:cloud_cover"}, list(range(1000))]}}
+    at_cap = {
+        "collections": [C],
+        "filter-lang": "cql2-json",
+        "filter": {"op": "in", "args": [{"property": "eo:cloud_cover"}, list(range(1000))]},
+    }
     assert _register(client, "in 1000", at_cap).status_code == 200
     r = client.get(f"/collections/{C}/info", params={"ids": ",".join(f"i{i}" for i in range(1001))})
     check_hostile(r, "ids 1001", "`ids`")
@@ -405,12 +673,22 @@ def test_filters_the_catalogue_rejects_are_400_without_database_text(client, fil
 
 
 def test_a_fine_filter_still_works(client):
-    body = {"collections": [C], "filter-lang": "cql2-json",
-            "filter": {"op": "and", "args": [{"op": "<=", "args": [{"property": "eo:cloud_cover"}, 50]},
-                                             {"op": "=", "args": [{"property": "platform"}, "spot-7"]}]}}
+    body = {
+        "collections": [C],
+        "filter-lang": "cql2-json",
+        "filter": {
+            "op": "and",
+            "args": [
+                {"op": "<=", "args": [{"property": "eo:cloud_cover"}, 50]},
+                {"op": "=", "args": [{"property": "platform"}, "spot-7"]},
+            ],
+        },
+    }
     r = client.post("/searches/register", json=body)
     assert r.status_code == 200, r.text
-    r = client.get(f"/collections/{C}/info", params={"filter": "platform = 'spot-7' AND \"eo:cloud_cover\" <= 50"})
+    r = client.get(
+        f"/collections/{C}/info", params={"filter": "platform = 'spot-7' AND \"eo:cloud_cover\" <= 50"}
+    )
     assert r.status_code == 200, r.text
 
 
@@ -420,7 +698,9 @@ def test_a_fine_filter_still_works(client):
 @pytest.mark.parametrize("expression", ["b1+", ";;", "((b1", "b9*2", "zz*2", "__import__('os')", " "])
 def test_malformed_expressions_are_4xx(client, sample, item_url, expression):
     x, y = tile_of(sample)
-    r = client.get(f"{item_url}/tiles/WebMercatorQuad/{Z}/{x}/{y}.tif", params={"assets": "ms", "expression": expression})
+    r = client.get(
+        f"{item_url}/tiles/WebMercatorQuad/{Z}/{x}/{y}.tif", params={"assets": "ms", "expression": expression}
+    )
     assert 400 <= r.status_code < 500, (expression, r.status_code, r.text)
     assert "detail" in r.json()
 
@@ -429,8 +709,10 @@ def test_report_refusal_times():
     """Print the measured refusal times (pytest -s shows them)."""
     assert TIMES
     worst = max(TIMES, key=TIMES.get)
-    print(f"\nrefusals: {len(TIMES)}, median {sorted(TIMES.values())[len(TIMES) // 2] * 1000:.1f} ms, "
-          f"worst {TIMES[worst] * 1000:.1f} ms ({worst})")
+    print(
+        f"\nrefusals: {len(TIMES)}, median {sorted(TIMES.values())[len(TIMES) // 2] * 1000:.1f} ms, "
+        f"worst {TIMES[worst] * 1000:.1f} ms ({worst})"
+    )
     for label, t in sorted(TIMES.items(), key=lambda kv: -kv[1])[:10]:
         print(f"  {t * 1000:7.1f} ms  {label}")
     assert TIMES[worst] < 1.0
@@ -471,18 +753,87 @@ def test_malformed_inputs_schemathesis_found_are_4xx(client, sample, item_url):
         ("GET", f"{item_url}/assets/ms/statistics", {"params": {"bidx": 3613}}, "`bidx`"),
         ("GET", f"{item_url}/assets/ms/statistics", {"params": {"bidx": -2}}, "`bidx`"),
         ("GET", f"{item_url}/statistics", {"params": {"assets": "ms", "p": -15785}}, "`p`"),
-        ("GET", f"{item_url}/assets/ms/tiles/EuropeanETRS89_LAEAQuad", {"params": {"maxzoom": 86400}}, "`maxzoom`"),
-        ("GET", f"{item_url}/WebMercatorQuad/tilejson.json", {"params": {"assets": "ms", "minzoom": -3}}, "`minzoom`"),
+        (
+            "GET",
+            f"{item_url}/assets/ms/tiles/EuropeanETRS89_LAEAQuad",
+            {"params": {"maxzoom": 86400}},
+            "`maxzoom`",
+        ),
+        (
+            "GET",
+            f"{item_url}/WebMercatorQuad/tilejson.json",
+            {"params": {"assets": "ms", "minzoom": -3}},
+            "`minzoom`",
+        ),
         ("GET", f"{item_url}/point/2.29e16,-4.59e124", {"params": {"assets": "ms"}}, "`point`"),
-        ("GET", f"{item_url}/bbox/-7e-99,-2.4e172,0.6,2.4e36/52x58.png", {"params": {"assets": "ms"}}, "`bbox`"),
-        ("GET", f"{item_url}/point/1e8,1e8", {"params": {"assets": "ms", "coord_crs": "EPSG:4326"}}, "transformed"),
+        (
+            "GET",
+            f"{item_url}/bbox/-7e-99,-2.4e172,0.6,2.4e36/52x58.png",
+            {"params": {"assets": "ms"}},
+            "`bbox`",
+        ),
+        (
+            "GET",
+            f"{item_url}/point/1e8,1e8",
+            {"params": {"assets": "ms", "coord_crs": "EPSG:4326"}},
+            "transformed",
+        ),
         ("GET", f"{item_url}/preview.png", {"params": {"assets": "ms", "nodata": "inf"}}, "`nodata`"),
         ("GET", f"{item_url}/point/-85,-85", {"params": {"assets": "ms"}}, "outside"),
-        ("POST", f"{item_url}/feature.png", {"params": {"assets": "ms"}, "json": {**feature, "geometry": None}}, "geometry"),
-        ("POST", f"{item_url}/statistics", {"params": {"assets": "ms"}, "json": {"type": "Feature", "properties": {}, "geometry": {"type": "Point", "coordinates": [1e300, 2]}}}, "coordinate"),
-        ("POST", f"/collections/{C}/feature.png", {"params": {"assets": "ms"}, "json": {**feature, "bbox": [1, 2, 3, 4, 5, 6]}}, "bbox"),
+        (
+            "POST",
+            f"{item_url}/feature.png",
+            {"params": {"assets": "ms"}, "json": {**feature, "geometry": None}},
+            "geometry",
+        ),
+        (
+            "POST",
+            f"{item_url}/statistics",
+            {
+                "params": {"assets": "ms"},
+                "json": {
+                    "type": "Feature",
+                    "properties": {},
+                    "geometry": {"type": "Point", "coordinates": [1e300, 2]},
+                },
+            },
+            "coordinate",
+        ),
+        (
+            "POST",
+            f"/collections/{C}/feature.png",
+            {"params": {"assets": "ms"}, "json": {**feature, "bbox": [1, 2, 3, 4, 5, 6]}},
+            "bbox",
+        ),
     ]
     for method, url, kwargs, word in cases:
         r = client.request(method, url, **kwargs)
         assert 400 <= r.status_code < 500, (url, r.status_code, r.text[:200])
         assert word in r.json()["detail"], (url, r.json())
+
+
+def test_schemathesis_findings_are_4xx(client, sample):
+    """Two 500s schemathesis found after the merge: an invalid search bbox next to `intersects`
+    (titiler-pgstac's model raised KeyError) and a `b<letters>` band on a single file."""
+    body = {
+        "collections": ["spot67-demo"],
+        "bbox": [6.1e16, 2.7e141, 4.3e16, 0.0],
+        "intersects": {"type": "LineString", "coordinates": [[0, 1], [1, 2]]},
+    }
+    r = client.post("/searches/register", json=body)
+    assert r.status_code == 400 and "bbox" in r.json()["detail"]
+    ok = client.post(
+        "/searches/register", json={"collections": ["spot67-demo"], "bbox": [3.0, 43.0, 4.0, 44.0]}
+    )
+    assert ok.status_code == 200
+    item = sample.item(0)["id"]
+    r = client.get(
+        f"/collections/spot67-demo/items/{item}/assets/ms/preview",
+        params=[("bidx", "1"), ("expression", "bearer")],
+    )
+    assert r.status_code == 400 and "bearer" in r.json()["detail"]
+    r = client.get(
+        f"/collections/spot67-demo/items/{item}/assets/ms/preview",
+        params={"expression": "b4-b1", "max_size": 32},
+    )
+    assert r.status_code == 200

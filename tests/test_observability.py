@@ -197,7 +197,7 @@ def test_access_log_json(secured, sample, access_lines):
     )
     assert r3.status_code == 200
 
-    lines = [line for line in access_lines() if line["logger"] == "tiler.access"]
+    lines = [line for line in access_lines() if line["logger"] == "tiler.http"]
     assert len(lines) == 3
     first = lines[0]
     assert first["request_id"] == "qgis-4711.a"
@@ -216,8 +216,8 @@ def test_error_log_carries_request_id(client, cog_server, access_lines):
     r = client.get("/cog/info", params={"url": url}, headers={"X-Request-ID": "err-1"})
     assert r.status_code >= 400 and r.headers["x-request-id"] == "err-1"
     mine = [line for line in access_lines() if line.get("request_id") == "err-1"]
-    assert {line["logger"] for line in mine} >= {"tiler.access", "tiler.errors"}
-    assert [line["status"] for line in mine if line["logger"] == "tiler.access"] == [r.status_code]
+    assert {line["logger"] for line in mine} >= {"tiler.http", "tiler.errors"}
+    assert [line["status"] for line in mine if line["logger"] == "tiler.http"] == [r.status_code]
 
 
 def test_server_timing(secured, sample):
@@ -398,7 +398,7 @@ def test_two_workers_share_metrics_and_log_json(cluster, dsn, tmp_path):
         out, _ = proc.communicate(timeout=20)
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert len(lines) == len(out.splitlines()), "every log line is JSON"
-    access = [line for line in lines if line["logger"] == "tiler.access" and line["route"] == "/livez"]
+    access = [line for line in lines if line["logger"] == "tiler.http" and line["route"] == "/livez"]
     assert len(access) >= 20 + before
     assert not [line for line in lines if line["logger"] == "uvicorn.access"]
 
@@ -437,7 +437,7 @@ def test_unhandled_error_answers_json_500_with_request_id(access_lines):
     assert r.status_code == 500 and r.json() == {"detail": "Internal Server Error"}
     assert r.headers["x-request-id"] == "boom-1"
     mine = [line for line in access_lines() if line.get("request_id") == "boom-1"]
-    assert [line["status"] for line in mine if line["logger"] == "tiler.access"] == [500]
+    assert [line["status"] for line in mine if line["logger"] == "tiler.http"] == [500]
     errors = [line for line in mine if "error" in line]
     assert errors and "kaboom" in errors[0]["error"] and "s3cr3t" not in errors[0]["error"]
 

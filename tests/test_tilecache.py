@@ -130,3 +130,25 @@ def test_thumbnail_revalidation_on_a_hit(client, sample):
     assert again.headers["x-tile-cache"] == "hit" and again.headers["etag"] == etag
     r = client.get(url, params={"size": 64}, headers={"If-None-Match": etag})
     assert r.status_code == 304 and r.content == b""
+
+
+def test_band_order_is_part_of_the_key(client, sample):
+    item = sample.item(0)
+    lon, lat = lonlat_of_item_centre(item)
+    x, y = mercator_tile(lon, lat, Z)
+    url = f"/collections/spot67-demo/items/{item['id']}/tiles/WebMercatorQuad/{Z}/{x}/{y}.png"
+    rgb = client.get(url, params=[("assets", "ms|bidx=3,2,1"), ("rescale", "200,1800")])
+    assert rgb.status_code == 200
+    # the same parameters in another order: another picture, never the cached one
+    bgr = client.get(url, params=[("assets", "ms|bidx=1,2,3"), ("rescale", "200,1800")])
+    assert bgr.headers["x-tile-cache"] == "miss" and bgr.content != rgb.content
+    a = client.get(
+        f"/collections/spot67-demo/items/{item['id']}/assets/ms/tiles/WebMercatorQuad/{Z}/{x}/{y}.png",
+        params=[("bidx", "3"), ("bidx", "2"), ("bidx", "1"), ("rescale", "200,1800")],
+    )
+    b = client.get(
+        f"/collections/spot67-demo/items/{item['id']}/assets/ms/tiles/WebMercatorQuad/{Z}/{x}/{y}.png",
+        params=[("bidx", "1"), ("bidx", "2"), ("bidx", "3"), ("rescale", "200,1800")],
+    )
+    assert a.status_code == b.status_code == 200
+    assert b.headers["x-tile-cache"] == "miss" and a.content != b.content

@@ -180,9 +180,20 @@ _SKIPPED = {b"content-length", b"date", b"server-timing", b"x-tile-cache", b"x-r
 CACHE_HEADER = "X-Tile-Cache"
 
 
+def picture_params(request: Request) -> list[tuple[str, str]]:
+    """The query parameters that make the picture, sorted by name (not the URL token).
+
+    The sort is stable and by name only: repeated parameters keep their order, which is the
+    band order (``bidx=3&bidx=2&bidx=1`` is another picture than ``bidx=1&bidx=2&bidx=3``).
+    """
+    return sorted(
+        ((k, v) for k, v in request.query_params.multi_items() if k != "token"), key=lambda kv: kv[0]
+    )
+
+
 def cache_key(request: Request) -> str:
     """What makes a tile: method, route path (without ``/t/<token>``) and the sorted query (without ``token``)."""
-    query = sorted((k, v) for k, v in request.query_params.multi_items() if k != "token")
+    query = picture_params(request)
     return f"{request.method} {get_route_path(request.scope)}?{urlencode(query)}"
 
 

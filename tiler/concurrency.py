@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from fastapi import HTTPException
 from starlette.requests import Request
 
-from tiler import metrics
+from tiler import deadline, metrics
 from tiler.access import classify
 
 #: Operations (from `tiler.access.classify`) that read pixels.
@@ -114,6 +114,8 @@ async def render_slot(request: Request) -> AsyncIterator[None]:
         return
     await limiter.acquire()
     try:
+        # waiting in the queue may have taken the request past its deadline, or its client away
+        deadline.check("rendering")
         yield
     finally:
         limiter.release()

@@ -51,6 +51,9 @@ class BudgetedPool(ConnectionPool):
         budget = deadline.current()
         if budget is None:
             return super().getconn(timeout)
+        # a request past its deadline or whose client left takes no connection (and this is not
+        # an OperationalError, so titiler-pgstac does not retry it)
+        budget.check("waiting for a database connection")
         allowance = budget.pool_wait_left
         if allowance is None:
             allowance = self.timeout

@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Any
 
+from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tiler.errors import DeadlineExceeded, RequestCancelled
@@ -157,13 +158,13 @@ class DeadlineMiddleware:
             logger.info(
                 "request past its deadline finished %.2f s after it (%s)",
                 time.monotonic() - started - self.timeout,
-                scope.get("path", ""),
+                get_route_path(scope),
             )
             if not t.cancelled() and t.exception() is not None:
                 logger.debug("late request ended with %s", type(t.exception()).__name__)
 
         task.add_done_callback(_finished)
-        logger.warning("request deadline of %g s exceeded: %s", self.timeout, scope.get("path", ""))
+        logger.warning("request deadline of %g s exceeded: %s", self.timeout, get_route_path(scope))
         if state["started"]:
             return  # a streaming body is under way: nothing sensible can be sent any more
         body = _timeout_body(self.timeout)

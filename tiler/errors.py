@@ -13,6 +13,7 @@ from rasterio._err import CPLE_BaseError
 from rasterio.errors import RasterioIOError
 from rio_tiler.errors import PointOutsideBounds
 from starlette import status
+from starlette._utils import get_route_path
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from titiler.core.errors import DEFAULT_STATUS_CODES, TilerError, add_exception_handlers
@@ -132,6 +133,10 @@ CALLER_DATABASE_ERRORS: tuple[type[Exception], ...] = (
     BackendError,
 )
 
+#: errors in the class of a caller's bad search that are the server's fault: missing privilege,
+#: table or schema (a role without `tiler migrate --grant-reader`): 500, and alerting sees them
+SERVER_SQLSTATES = frozenset({"42501", "42P01", "3F000"})
+
 _URL = re.compile(r"(?:https?|s3|gs|az)://[^\s'\"]+|/vsi\w+/[^\s'\"]+", re.IGNORECASE)
 
 
@@ -206,7 +211,10 @@ def _fault(request: Request, exc: Exception) -> JSONResponse:
     code = STATUS_CODES[type(exc)]
     if isinstance(exc, UpstreamError):
         logger.warning(
-            "upstream %s on %s: %s", exc.upstream_status or type(exc).__name__, request.url.path, exc
+            "upstream %s on %s: %s",
+            exc.upstream_status or type(exc).__name__,
+            get_route_path(request.scope),
+            exc,
         )
     headers = {"Retry-After": RETRY_AFTER[code]} if code in RETRY_AFTER else None
     return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
@@ -214,7 +222,7 @@ def _fault(request: Request, exc: Exception) -> JSONResponse:
 
 def _database_error(request: Request, exc: Exception) -> JSONResponse:
     """The catalogue database is unreachable or saturated (503, retry later)."""
-    logger.error("database unavailable on %s: %s", request.url.path, type(exc).__name__)
+    logger.error("database unavailable on %s: %s", get_route_path(request.scope), type(exc).__name__)
     return JSONResponse(
         {"detail": "The catalogue database is unavailable, retry later."},
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -232,7 +240,11 @@ def _database_detail(exc: Exception) -> str:
 
 def _refused_query(request: Request, exc: Exception) -> JSONResponse:
     """The catalogue refused the caller's search: 400 without the database's message or context."""
-    logger.warning("catalogue refused a query on %s: %s", request.url.path, _database_detail(exc))
+    if getattr(exc, "sqlstate", None) in SERVER_SQLSTATES:
+        return _failed_query(request, exc)  # our grants or schema, not the caller's search
+    logger.warning(
+        "catalogue refused a query on %s: %s", get_route_path(request.scope), _database_detail(exc)
+    )
     return JSONResponse(
         {
             "detail": "The catalogue could not run this search: check the filter "
@@ -244,7 +256,7 @@ def _refused_query(request: Request, exc: Exception) -> JSONResponse:
 
 def _failed_query(request: Request, exc: Exception) -> JSONResponse:
     """Any other database error: 500 without the database's message."""
-    logger.error("catalogue query failed on %s: %s", request.url.path, _database_detail(exc))
+    logger.error("catalogue query failed on %s: %s", get_route_path(request.scope), _database_detail(exc))
     return JSONResponse(
         {"detail": "The catalogue query failed."}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR
     )
@@ -263,8 +275,10 @@ def _type_error(request: Request, exc: Exception) -> JSONResponse:
             {"detail": f"`nodata` {m.group(1)} cannot be represented in the data type ({m.group(2)})"},
             status_code=status.HTTP_400_BAD_REQUEST,
         )
-    logger.error("unhandled error on %s", request.url.path, exc_info=exc)
-    return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)
+    logger.error("unhandled error on %s", get_route_path(request.scope), exc_info=exc)
+    return JSONResponse(
+        {"detail": "Internal Server Error"}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR
+    )
 
 
 def _gdal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -275,7 +289,7 @@ def _gdal_error(request: Request, exc: Exception) -> JSONResponse:
             {"detail": f"Coordinates cannot be transformed: {text[5:].strip()[:200]}"},
             status_code=status.HTTP_400_BAD_REQUEST,
         )
-    logger.error("GDAL error on %s: %s", request.url.path, shorten_urls(text))
+    logger.error("GDAL error on %s: %s", get_route_path(request.scope), shorten_urls(text))
     return JSONResponse(
         {"detail": f"Could not process the imagery: {shorten_urls(text)[:300]}"},
         status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
@@ -287,8 +301,10 @@ def _index_error(request: Request, exc: Exception) -> JSONResponse:
     text = str(exc)
     if text.startswith("band index"):
         return JSONResponse({"detail": f"`bidx`: {text}"}, status_code=status.HTTP_400_BAD_REQUEST)
-    logger.error("unhandled error on %s", request.url.path, exc_info=exc)
-    return JSONResponse({"detail": text}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)
+    logger.error("unhandled error on %s", get_route_path(request.scope), exc_info=exc)
+    return JSONResponse(
+        {"detail": "Internal Server Error"}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR
+    )
 
 
 def register_error_handlers(app: FastAPI) -> None:

@@ -24,7 +24,7 @@ from titiler.core.factory import FactoryExtension
 from titiler.core.resources.enums import ImageType
 
 from tiler import __version__
-from tiler.cache import not_modified
+from tiler.cache import not_modified, picture_params
 from tiler.dependencies import collection_document, newest_item, search_collection_ids
 
 WEB_MERCATOR = CRS.from_epsg(3857)
@@ -36,11 +36,6 @@ MAX_THUMBNAIL_SIZE = 1024
 def _etag(*parts: Any) -> str:
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     return f'"{digest[:32]}"'
-
-
-def _signature(request: Request) -> list[tuple[str, str]]:
-    """The query parameters that change the picture (not the URL token)."""
-    return sorted((k, v) for k, v in request.query_params.multi_items() if k != "token")
 
 
 def _on_white(png: bytes, fmt: ImageType) -> bytes:
@@ -102,7 +97,7 @@ class thumbnailExtension(FactoryExtension):  # noqa: N801 - titiler naming
                 item.collection_id,
                 item.id,
                 item.properties.get("updated") or item.properties.get("datetime"),
-                _signature(request),
+                picture_params(request),
                 fmt.value,
                 layer_params.as_dict(),
                 render_params.as_dict(),
@@ -173,7 +168,7 @@ class mosaicThumbnailExtension(FactoryExtension):  # noqa: N801 - titiler naming
                 __version__,
                 src_path,
                 newest,
-                _signature(request),
+                picture_params(request),
                 fmt.value,
                 layer_params.as_dict(),
                 render_params.as_dict(),

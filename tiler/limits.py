@@ -27,6 +27,7 @@ from typing import Annotated, Any
 
 from cql2 import Expr
 from fastapi import HTTPException, Query
+from starlette._utils import get_route_path
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -290,10 +291,42 @@ def _check_search_query(limits: LimitSettings, q: Any) -> None:
         raise _over("ids", len(ids.split(",")), limits.max_filter_items, "ids")
 
 
+#: how rio-tiler's single-file reader finds band names in an expression (``b1``, ``B2``)
+_FILE_BAND = re.compile(r"\bb([0-9A-Z]+)\b", re.IGNORECASE)
+
+
+def check_file_bands(expression: str) -> None:
+    """On a single file (an asset, ``/cog``), every ``b<name>`` of an expression must be ``b<number>``."""
+    for name in _FILE_BAND.findall(expression):
+        if not name.isdigit():
+            raise HTTPException(400, f"`expression` names band `b{name}`: bands of a file are b1, b2, ...")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_search_bbox(value: Any) -> None:
+    """A search's ``bbox``: 4 (or 6) finite numbers in degrees, south below north."""
+    if value is None:
+        return
+    if not isinstance(value, list) or len(value) not in (4, 6) or not all(_is_number(v) for v in value):
+        raise HTTPException(400, "`bbox` must be 4 (or 6) finite numbers")
+    half = len(value) // 2
+    west, south, east, north = value[0], value[1], value[half], value[half + 1]
+    if not (-180 <= west <= 180 and -180 <= east <= 180 and -90 <= south <= north <= 90):
+        raise HTTPException(
+            400, "`bbox` must be longitude/latitude degrees (-180..180, -90..90), south <= north"
+        )
+
+
 def check_search_body(limits: LimitSettings, body: Any) -> None:
-    """Refuse a search registration body whose filter, query or lists are over the caps."""
+    """Refuse a search registration body whose filter, query, lists or geometry are over the caps."""
     if not isinstance(body, dict):
         return  # FastAPI answers 422
+    check_search_bbox(body.get("bbox"))
+    if isinstance(body.get("intersects"), dict):
+        check_geojson({"type": "Feature", "geometry": body["intersects"]})
     if "filter" in body:
         check_filter(limits, body["filter"], body.get("filter-lang") or "cql2-json")
     if "query" in body:
@@ -359,6 +392,8 @@ def limits_dependency(limits: LimitSettings) -> Callable[[Request], Awaitable[No
         _check_sizes(limits, template, q, p)
         if (expression := q.get("expression")) is not None:
             check_expression(limits, expression)
+            if "asset_id" in p or get_route_path(request.scope).startswith("/cog/"):
+                check_file_bands(expression)
         _check_bands(limits, q)
         _check_statistics(limits, q)
         _check_search_query(limits, q)

@@ -207,12 +207,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         docs_url="/api.html",
         root_path=api.root_path,
         lifespan=lifespan,
-        # caps first (a refused request reaches neither pgstac nor a reader), then the render
-        # slot (a refused render costs no thread and no database connection), then the rights
+        # caps first (a refused request reaches neither pgstac nor a reader), then the rights
+        # (a caller the policy refuses never waits for a render slot), then the render slot
         dependencies=[
             Depends(limits_dependency(settings.limits)),
-            Depends(render_slot, scope="function"),
             Depends(authorize),
+            Depends(render_slot, scope="function"),
         ],
     )
     app.state.render_limiter = RenderLimiter(api.max_renders, api.render_queue, api.queue_timeout)

@@ -49,7 +49,7 @@ from tiler.logs import REQUEST_ID
 from tiler.settings import ObservabilitySettings
 
 logger = logging.getLogger(__name__)
-access_logger = logging.getLogger("tiler.access")
+access_logger = logging.getLogger("tiler.http")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 DB_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
