@@ -822,6 +822,7 @@ def test_schemathesis_findings_are_4xx(client, sample):
     }
     r = client.post("/searches/register", json=body)
     assert r.status_code == 400 and "bbox" in r.json()["detail"]
+    assert client.post("/searches/register", json={**body, "bbox": [3.0, 43.0, 4.0, 44.0]}).status_code == 400
     ok = client.post(
         "/searches/register", json={"collections": ["spot67-demo"], "bbox": [3.0, 43.0, 4.0, 44.0]}
     )
