@@ -7,6 +7,8 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,27 +107,47 @@ def client(app):
         yield c
 
 
+@contextmanager
+def serve_app(app, **config) -> Iterator[tuple[str, int]]:
+    """``app`` behind a real uvicorn on 127.0.0.1 in a thread: yields (base URL, port), then stops it."""
+    import uvicorn
+
+    if "log_config" not in config:
+        config.setdefault("log_level", "warning")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **config))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{port}", port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 @pytest.fixture(scope="session")
 def live_server(dsn, cog_server):
     """The app behind a real uvicorn on 127.0.0.1, for clients that speak HTTP (GDAL, browsers...)."""
-    import threading
+    with serve_app(create_app(make_settings(dsn))) as (base, _):
+        yield base
 
-    import uvicorn
 
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(make_settings(dsn)), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+@pytest.fixture()
+def own_cluster(sample):
+    """A PostgreSQL+pgstac cluster of the test's own (to stop and restart), with the sample loaded."""
+    root = Path(tempfile.mkdtemp(prefix="tiler-pg-own-"))
+    c = LocalCluster(root, free_port())
+    c.start()
+    c.migrate()
+    load(c.dsn, [sample.directory / "collection.json", sample.directory / "items.ndjson"], progress=False)
+    yield c
+    c.stop(mode="immediate")
+    shutil.rmtree(root, ignore_errors=True)
 
 
 RECORDED = "recorded"

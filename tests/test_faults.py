@@ -9,9 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 import socket
-import tempfile
 import threading
 import time
 import urllib.error
@@ -23,8 +21,7 @@ from faultserver import FaultServer
 from starlette.testclient import TestClient
 from titiler.mosaic.factory import MOSAIC_THREADS
 
-from tests.conftest import free_port, make_settings
-from tiler.embedded import LocalCluster
+from tests.conftest import make_settings, serve_app
 from tiler.ingest import load
 from tiler.main import create_app
 from tiler.settings import ApiSettings, AuthSettings, GdalSettings, Settings
@@ -289,20 +286,7 @@ def test_deadline_504_frees_the_thread_and_stops_the_mosaic(dsn, sample, slow_it
 
 def test_client_disconnect_stops_the_mosaic(dsn, slow_items, faulty):
     """A client that hangs up: the mosaic render stops before the next chunk of items (real uvicorn)."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(make_settings(dsn)), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(200):
-            if server.started:
-                break
-            time.sleep(0.05)
-        base = f"http://127.0.0.1:{port}"
+    with serve_app(create_app(make_settings(dsn))) as (base, port):
 
         def get(path):
             with urllib.request.urlopen(base + path, timeout=10) as resp:
@@ -323,24 +307,9 @@ def test_client_disconnect_stops_the_mosaic(dsn, slow_items, faulty):
         read = _items_read(faulty)
         print(f"client gone after 0.5 s: {len(read)} of {len(slow_items)} items read")
         assert 0 < len(read) <= MOSAIC_THREADS
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 # --------------------------------------------------------------------------- database
-
-
-@pytest.fixture()
-def own_cluster(sample):
-    root = Path(tempfile.mkdtemp(prefix="tiler-pg-fault-"))
-    c = LocalCluster(root, free_port())
-    c.start()
-    c.migrate()
-    load(c.dsn, [sample.directory / "collection.json", sample.directory / "items.ndjson"], progress=False)
-    yield c
-    c.stop(mode="immediate")
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_database_outage_is_503_then_recovers(own_cluster, sample):
@@ -437,19 +406,8 @@ def test_database_restart_under_load(own_cluster, sample):
     Errors are 503 (never 500) and stop within 10 s of the database being back, without
     restarting the worker.
     """
-    import uvicorn
-
     s = make_settings(own_cluster.dsn)
     s.db.pool_timeout = 2.0
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(s), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
     z, x, y = _tile_of(sample.item(0), 14)
     paths = [
         f"/collections/spot67-demo/tiles/WebMercatorQuad/{z}/{x}/{y}.png?assets=ms%7Cbidx=3,2,1&rescale=0,2000{OWN}",
@@ -458,25 +416,24 @@ def test_database_restart_under_load(own_cluster, sample):
         f"/collections/spot67-demo/items/{sample.item(1)['id']}/info?assets=ms",
     ]
     stop, log = threading.Event(), []
-    clients = [
-        threading.Thread(target=_hammer, args=(base, paths[i:] + paths[:i], stop, log)) for i in range(4)
-    ]
-    try:
-        for t in clients:
-            t.start()
-        time.sleep(2)
-        t_stop = time.monotonic()
-        own_cluster.stop(mode="fast")
-        time.sleep(3)
-        own_cluster.start()
-        t_back = time.monotonic()
-        time.sleep(12)
-    finally:
-        stop.set()
-        for t in clients:
-            t.join(35)
-        server.should_exit = True
-        thread.join(10)
+    with serve_app(create_app(s)) as (base, _):
+        clients = [
+            threading.Thread(target=_hammer, args=(base, paths[i:] + paths[:i], stop, log)) for i in range(4)
+        ]
+        try:
+            for t in clients:
+                t.start()
+            time.sleep(2)
+            t_stop = time.monotonic()
+            own_cluster.stop(mode="fast")
+            time.sleep(3)
+            own_cluster.start()
+            t_back = time.monotonic()
+            time.sleep(12)
+        finally:
+            stop.set()
+            for t in clients:
+                t.join(35)
     assert log and all(t_end < t_back + 15 + 31 for _, t_end, _, _ in log)
     codes = {}
     for _, _, code, _ in log:

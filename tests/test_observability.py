@@ -10,19 +10,17 @@ import logging
 import random
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from titiler.pgstac import backend as titiler_pgstac_backend
 from titiler.pgstac import dependencies as titiler_pgstac_dependencies
 
-from tests.conftest import free_port, make_settings
+from tests.conftest import free_port, make_settings, serve_app
 from tests.helpers import copy_items, lonlat_of_item_centre, mercator_tile
 from tiler import dependencies as tiler_dependencies
 from tiler.auth import mint_url_token
@@ -290,20 +288,8 @@ def slow_server(dsn, sample, tmp_path_factory):
     load(dsn, copy_items(sample, tmp_path_factory.mktemp("slow"), "slow-origin", rehost), progress=False)
     settings = make_settings(dsn)
     settings.api.max_renders, settings.api.render_queue = 1, 0
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{port}", origin
-    server.should_exit = True
-    thread.join(10)
+    with serve_app(create_app(settings)) as (base, _):
+        yield base, origin
     origin.shutdown()
 
 
@@ -418,21 +404,10 @@ def test_unhandled_error_answers_json_500_with_request_id(access_lines):
     app.add_middleware(ObservabilityMiddleware)
     uv = logging.getLogger("uvicorn")  # a uvicorn started earlier with its own log config stops propagation
     propagate, uv.propagate = uv.propagate, True
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        for _ in range(200):
-            if server.started:
-                break
-            time.sleep(0.05)
-        r = httpx.get(f"http://127.0.0.1:{port}/boom", headers={"X-Request-ID": "boom-1"}, timeout=10)
+        with serve_app(app, log_config=None, access_log=False) as (base, _):
+            r = httpx.get(f"{base}/boom", headers={"X-Request-ID": "boom-1"}, timeout=10)
     finally:
-        server.should_exit = True
-        thread.join(10)
         uv.propagate = propagate
     assert r.status_code == 500 and r.json() == {"detail": "Internal Server Error"}
     assert r.headers["x-request-id"] == "boom-1"

@@ -6,21 +6,16 @@ servers answering 503 or never answering, and a PostgreSQL cluster stopped for r
 
 from __future__ import annotations
 
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 from starlette.testclient import TestClient
 
 from tests.conftest import free_port, make_settings
-from tiler.embedded import LocalCluster
-from tiler.ingest import load
 from tiler.main import create_app
 from tiler.readiness import StorageProbe, probe
 from tiler.settings import ApiSettings
@@ -157,18 +152,6 @@ def test_storage_probe_shares_one_round_between_threads(switchable):
         t.join(10)
     assert switchable.hits == 3  # one round of three URLs, not 8 x 3
     assert all(r.ok for r in probe_.check())
-
-
-@pytest.fixture()
-def own_cluster(sample):
-    root = Path(tempfile.mkdtemp(prefix="tiler-pg-ready-"))
-    c = LocalCluster(root, free_port())
-    c.start()
-    c.migrate()
-    load(c.dsn, [sample.directory / "collection.json", sample.directory / "items.ndjson"], progress=False)
-    yield c
-    c.stop(mode="immediate")
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_readyz_follows_database(own_cluster, sample):
