@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -127,8 +127,6 @@ class RequestStats:
     """What one request spent (shared with the threadpool through a context variable)."""
 
     db_seconds: float = 0.0
-    db_queries: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 CURRENT: ContextVar[RequestStats | None] = ContextVar("tiler_request_stats", default=None)
@@ -140,7 +138,6 @@ def observe_query(seconds: float) -> None:
     stats = CURRENT.get()
     if stats is not None:
         stats.db_seconds += seconds
-        stats.db_queries += 1
 
 
 # --------------------------------------------------------------------------- origin traffic (GDAL)
