@@ -151,6 +151,7 @@ def test_expired_signature_is_refreshed_once(upstream_client, sample, archive):
     SIGNER.update(current="v1", cache={}, calls=[])
     archive.accepted = "v1"
     c.app.state.tile_cache.clear()  # earlier tests rendered this tile: read it from the archive
+    clear_http_cache()  # and kept the file open: open it again, signed
     r = c.get(f"/collections/{C}/items/C-signed/{_tile(sample)}", params=RGB)
     assert r.status_code == 200, (r.text, archive.seen[-5:], SIGNER)
     assert SIGNER["calls"] and not any(SIGNER["calls"])

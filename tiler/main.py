@@ -15,6 +15,7 @@ import jinja2
 import rasterio
 from fastapi import APIRouter, Depends, FastAPI, Query
 from pydantic import ValidationError
+from rio_tiler.profiles import img_profiles
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -44,7 +45,7 @@ from titiler.pgstac.factory import (
     add_search_register_route,
 )
 
-from tiler import __version__
+from tiler import __version__, datasets
 from tiler.access import Authenticator, UrlTokenMiddleware, auth_router, authorize, restricted_search_params
 from tiler.cache import CachedRoute, CachePolicyMiddleware, TileCache
 from tiler.concurrency import RenderLimiter, render_slot
@@ -164,6 +165,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         ORIGIN.enable()
     templates = _templates()
     env_dep = gdal_env_dependency(settings.gdal)
+    datasets.configure(settings.reader.pool_size, settings.reader.pool_per_file, settings.reader.pool_ttl)
+    # titiler's render_image lets rio-tiler's profile win over per-call options: set the level there
+    img_profiles.data["png"]["zlevel"] = settings.reader.png_zlevel
     credentials = load_credentials(settings.upstream.credentials_file)
     if settings.cog.enabled:
         for cred in credentials:
@@ -191,6 +195,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
             yield
         finally:
             uninstall(credentials)
+            datasets.POOL.clear()
             app.state.dbpool.close()
             if app.state.tile_cache is not None and app.state.tile_cache.shared is not None:
                 app.state.tile_cache.shared.close()

@@ -38,10 +38,11 @@ from typing import Any
 
 import attr
 import rasterio
-from rasterio.errors import RasterioIOError
+from rasterio.errors import RasterioError, RasterioIOError
 from rio_tiler.io import Reader
 
 from tiler.auth import PolicyError, load_document
+from tiler.datasets import POOL
 from tiler.deadline import Budget
 from tiler.deadline import current as current_budget
 from tiler.errors import UpstreamError, classify_upstream, file_label
@@ -147,8 +148,10 @@ def clear_http_cache(prefix: str | None = None) -> None:
     """Forget what GDAL cached about remote files (all, or those under ``prefix``).
 
     GDAL remembers file sizes, blocks and *failures* per URL; after credentials
-    change, a cached 401 must not outlive them.
+    change, a cached 401 must not outlive them. The open datasets kept for those
+    files (`tiler.datasets.POOL`) are closed too.
     """
+    POOL.discard(prefix)
     with _lib_lock:
         lib = _gdal_lib()
         if prefix is None:
@@ -238,7 +241,8 @@ def forget_failure(href: str) -> None:
     GDAL's /vsicurl/ remembers per URL that a file is missing or failed; without this a
     single transient 503 would fail every later request for that file without a request.
     """
-    clear_http_cache(href.split("?", 1)[0].split("#", 1)[0])
+    base = href.split("?", 1)[0].split("#", 1)[0]
+    clear_http_cache(base)
 
 
 @attr.s
@@ -259,26 +263,47 @@ class SigningReader(Reader):
     budget: Budget | None = attr.ib(factory=current_budget, kw_only=True)
     _signer: Signer | None = attr.ib(init=False, default=None)
     _href: str | None = attr.ib(init=False, default=None)
+    _pooled: Any = attr.ib(init=False, default=None)
+    _failed: bool = attr.ib(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
-        """Open the dataset with a signed href."""
+        """Open the dataset (signed href), or take an idle one from `tiler.datasets.POOL`."""
         href = self.input
         if self.budget is not None:
             self.budget.check(f"opening {self._asset_label()}")
         self._signer = signer_for(href) if isinstance(href, str) and self.dataset is None else None
-        with self._upstream_guard():
-            if self._signer is None:
-                super().__attrs_post_init__()
-                return
+        if self._signer is not None:
             self._href = href
-            try:
-                self._open_signed(refresh=False)
-            except RasterioIOError as e:
-                if not _refused(e):
-                    raise
-                logger.info("upstream refused a signed href at open; signing it again")
-                self._open_signed(refresh=True)
+        with self._upstream_guard():
+            if self.dataset is None and isinstance(href, str) and POOL.enabled:
+                self._pooled = POOL.take(href) or self._open(href)
+                self.dataset = self._pooled
+                self._ctx_stack.callback(self._give_back)
+            elif self._signer is not None:
+                self.dataset = self._ctx_stack.enter_context(self._open(href))
             super().__attrs_post_init__()
+
+    def _open(self, href: str) -> Any:
+        """``rasterio.open`` of ``href``, signed (and signed again once if refused)."""
+        if self._signer is None:
+            return rasterio.open(href)
+        try:
+            return rasterio.open(self._signer(href, refresh=False))
+        except RasterioIOError as e:
+            if not _refused(e):
+                raise
+            logger.info("upstream refused a signed href at open; signing it again")
+            return rasterio.open(self._signer(href, refresh=True))
+
+    def _give_back(self) -> None:
+        """At close: the pooled dataset goes back to the pool, unless anything failed."""
+        ds, self._pooled = self._pooled, None
+        if ds is None:
+            return
+        if self._failed or not isinstance(self.input, str):
+            ds.close()
+        else:
+            POOL.give(self.input, ds)
 
     def _asset_label(self) -> str:
         name = file_label(self.input) if isinstance(self.input, str) else "<dataset>"
@@ -291,12 +316,17 @@ class SigningReader(Reader):
         except UpstreamError:
             raise
         except RasterioIOError as e:
+            self._failed = True
             if isinstance(self.input, str):
                 forget_failure(self.input)
             raise classify_upstream(e, self._asset_label()) from e
+        except RasterioError:
+            self._failed = True  # a GDAL-level failure: do not reuse the dataset
+            raise
 
     def _open_signed(self, refresh: bool) -> None:
         assert self._signer is not None and self._href is not None
+        self._failed = True  # the dataset opened with the expired signature is not reused
         self.dataset = self._ctx_stack.enter_context(rasterio.open(self._signer(self._href, refresh=refresh)))
 
     tile = _retry_on_refusal(Reader.tile)

@@ -1,0 +1,167 @@
+"""Open datasets kept across requests (`tiler.datasets`): bounds, exclusivity, failures."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import rasterio
+
+from tests.helpers import expected_nearest, mercator_tile, mercator_tile_centres
+from tiler import datasets
+from tiler.datasets import DatasetPool
+from tiler.settings import GdalSettings
+from tiler.upstream import SigningReader, clear_http_cache
+
+
+@pytest.fixture(autouse=True)
+def gdal_env():
+    """The GDAL options the app reads with (no directory listing, timeouts)."""
+    with rasterio.Env(**GdalSettings().options()):
+        yield
+
+
+def _open(sample, n: int = 1) -> list:
+    return [rasterio.open(sample.path(0, "ms")) for _ in range(n)]
+
+
+def test_pool_bounds_per_file_total_and_ttl(sample):
+    pool = DatasetPool(max_open=3, per_file=2, ttl=0.3)
+    a = _open(sample, 3)
+    for ds in a:
+        pool.give("a", ds)
+    # per file: the oldest of the three was closed, the two most recent are kept
+    assert a[0].closed and not a[1].closed and not a[2].closed and len(pool) == 2
+    assert pool.take("a") is a[2] and pool.take("a") is a[1] and pool.take("a") is None
+    assert (pool.hits, pool.misses) == (2, 1)
+    # in all: a fourth dataset pushes out the least recently given back
+    b = _open(sample, 4)
+    for i, ds in enumerate(b):
+        pool.give(f"f{i}", ds)
+    assert b[0].closed and all(not ds.closed for ds in b[1:]) and len(pool) == 3
+    # idle past the ttl: closed instead of handed out
+    time.sleep(0.35)
+    assert pool.take("f3") is None and b[3].closed
+    pool.clear()
+    assert len(pool) == 0 and all(ds.closed for ds in b)
+    # disabled: nothing kept
+    off = DatasetPool(max_open=0)
+    ds = _open(sample)[0]
+    off.give("x", ds)
+    assert ds.closed and off.take("x") is None
+
+
+def test_discard_by_prefix(sample):
+    pool = DatasetPool()
+    a, b = _open(sample, 2)
+    pool.give("http://h/one.tif", a)
+    pool.give("http://h/two.tif", b)
+    pool.discard("http://h/one.tif")
+    assert a.closed and not b.closed
+    pool.discard("http://h/")
+    assert b.closed and len(pool) == 0
+
+
+def _tile_of(sample, z: int = 15) -> tuple[int, int, int]:
+    geom = sample.item(0)["geometry"]["coordinates"][0]
+    lon = sum(p[0] for p in geom[:-1]) / (len(geom) - 1)
+    lat = sum(p[1] for p in geom[:-1]) / (len(geom) - 1)
+    x, y = mercator_tile(lon, lat, z)
+    return x, y, z
+
+
+def test_reader_reuses_the_dataset_and_reads_right_pixels(sample):
+    """A second reader of the same href gets the first one's dataset; pixels stay exact."""
+    href = sample.item(0)["assets"]["ms"]["href"]
+    clear_http_cache()
+    datasets.POOL.clear()
+    x, y, z = _tile_of(sample)
+    with SigningReader(href) as r:
+        first = r.dataset
+        img1 = r.tile(x, y, z, indexes=(1, 2, 3))
+    assert not first.closed and len(datasets.POOL) >= 1
+    with SigningReader(href) as r:
+        assert r.dataset is first  # taken from the pool, not opened again
+        img2 = r.tile(x + 1, y, z, indexes=(1, 2, 3))
+    for tx, img in ((x, img1), (x + 1, img2)):
+        xs, ys = mercator_tile_centres(tx, y, z)
+        want, valid = expected_nearest(sample.path(0, "ms"), xs, ys)
+        ok = valid & (img.mask > 0)
+        assert ok.sum() > 1000
+        # nearest resampling on a reprojected grid: allow a sliver of off-by-one-pixel picks
+        same = np.all(img.array.data[:, ok] == want[:3][:, ok], axis=0).mean()
+        assert same > 0.97, same
+
+
+def test_concurrent_readers_never_share_a_dataset(sample):
+    """8 threads x 6 tiles of one file: every tile equals the one read alone."""
+    href = sample.item(0)["assets"]["ms"]["href"]
+    x, y, z = _tile_of(sample)
+    tiles = [(x + dx, y + dy) for dx in (-1, 0, 1) for dy in (-1, 0)]
+    datasets.POOL.clear()
+    alone = {}
+    for tx, ty in tiles:
+        with SigningReader(href) as r:
+            alone[(tx, ty)] = r.tile(tx, ty, z, indexes=(1, 2, 3)).array
+    in_use: set[int] = set()
+    clash = []
+    lock = threading.Lock()
+
+    options = GdalSettings().options()
+
+    def work(k: int) -> int:
+        with rasterio.Env(**options):
+            return _work(k)
+
+    def _work(k: int) -> int:
+        bad = 0
+        for i in range(len(tiles)):
+            tx, ty = tiles[(i + k) % len(tiles)]
+            with SigningReader(href) as r:
+                with lock:
+                    if id(r.dataset) in in_use:
+                        clash.append(id(r.dataset))
+                    in_use.add(id(r.dataset))
+                arr = r.tile(tx, ty, z, indexes=(1, 2, 3)).array
+                with lock:
+                    in_use.discard(id(r.dataset))
+            bad += int(
+                not np.ma.allequal(arr, alone[(tx, ty)]) or not np.array_equal(arr.mask, alone[(tx, ty)].mask)
+            )
+        return bad
+
+    with ThreadPoolExecutor(8) as ex:
+        bad = sum(ex.map(work, range(8)))
+    assert not clash and bad == 0
+    assert len(datasets.POOL) <= datasets.POOL.per_file
+
+
+def test_failed_read_does_not_return_the_dataset(sample):
+    """A reader whose read failed at GDAL level closes its dataset instead of pooling it."""
+    href = sample.item(0)["assets"]["ms"]["href"]
+    datasets.POOL.clear()
+    with SigningReader(href) as r:
+        ds = r.dataset
+        with pytest.raises(Exception):  # noqa: B017 - any GDAL-level error
+            with r._upstream_guard():
+                raise rasterio.errors.RasterioIOError("HTTP response code: 503")
+    assert ds.closed and datasets.POOL.take(href) is None
+
+
+def test_tiles_through_the_app_take_pooled_datasets(client, sample):
+    """Two distinct tiles of one item: the second request opens nothing."""
+    x, y, z = _tile_of(sample)
+    client.app.state.tile_cache.clear()
+    clear_http_cache()
+    item = sample.item(0)
+    base = f"/collections/{item['collection']}/items/{item['id']}/tiles/WebMercatorQuad"
+    q = {"assets": "ms|bidx=3,2,1", "rescale": "0,2000"}
+    r = client.get(f"{base}/{z}/{x}/{y}.png", params=q)
+    assert r.status_code == 200, r.text
+    hits = datasets.POOL.hits
+    r = client.get(f"{base}/{z}/{x + 1}/{y}.png", params=q)
+    assert r.status_code == 200, r.text
+    assert datasets.POOL.hits == hits + 1
