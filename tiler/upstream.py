@@ -428,7 +428,7 @@ class SigningReader(Reader):
             fl, fb, fr, ft = transform_bounds(self.dataset.crs, crs, *self.dataset.bounds, densify_pts=21)
         except Exception:  # noqa: BLE001 - outside the projection's domain: let rio-tiler decide
             return None
-        if not all(np.isfinite((fl, fb, fr, ft))):
+        if not all(np.isfinite((fl, fb, fr, ft))) or fl >= fr or fb >= ft:  # e.g. across the antimeridian
             return None
         xres, yres = (right - left) / width, (top - bottom) / height
         m = LOWZOOM_MARGIN
