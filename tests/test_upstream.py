@@ -176,3 +176,31 @@ def test_expired_signature_is_refreshed_once(upstream_client, sample, archive):
     r = c.get(f"/collections/{C}/items/C-signed/{_tile(sample, z=14)}", params=RGB)
     assert r.status_code == 502 and "sig=" not in r.text
     assert SIGNER["calls"].count(True) == 1
+
+
+def test_low_zoom_tile_through_a_signer(upstream_client, sample, archive, monkeypatch):
+    """Low-zoom tiles (a footprint sub-window, see test_lowzoom) keep the re-sign and the clean 502."""
+    import tiler.upstream
+
+    taken = []
+    real = tiler.upstream._paste
+    monkeypatch.setattr(tiler.upstream, "_paste", lambda *a: taken.append(1) or real(*a))
+    c = upstream_client
+    SIGNER.update(current="w1", cache={}, calls=[])
+    archive.accepted = "w1"
+    clear_http_cache()
+    c.app.state.tile_cache.clear()
+    r = c.get(f"/collections/{C}/items/C-signed/{_tile(sample, z=9)}", params=RGB)
+    assert r.status_code == 200, r.text
+    assert taken, "the low-zoom path was not taken"
+    archive.accepted = SIGNER["current"] = "w2"
+    clear_http_cache()
+    r = c.get(f"/collections/{C}/items/C-signed/{_tile(sample, z=10)}", params=RGB)
+    assert r.status_code == 200, r.text
+    assert True in SIGNER["calls"]
+    archive.accepted = "w9"
+    SIGNER.update(current="w3", cache={}, calls=[])
+    clear_http_cache()
+    r = c.get(f"/collections/{C}/items/C-signed/{_tile(sample, z=8)}", params=RGB)
+    assert r.status_code == 502 and "sig=" not in r.text
+    assert SIGNER["calls"].count(True) == 1
