@@ -42,6 +42,7 @@ import platform
 import random
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +61,7 @@ PG_PORT = 55433
 NGINX_PORTS = {"ours": 18081, "stock": 18082, "scale-small": 18083, "scale-big": 18084}
 SERVER_PORTS = {"ours": 18000, "stock": 18001}
 COLLECTIONS = {"ours": "bench-ours", "stock": "bench-stock"}
+REDIS_PORT = 18090
 SCALE = ("scale-small", "scale-big")  # scale-big is named scale-<count> in pgstac
 
 
@@ -583,6 +585,50 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def start_redis() -> Proc | None:
+    """A private redis-server on 127.0.0.1 (no persistence) for our shared tile cache, if installed."""
+    if shutil.which("redis-server") is None:
+        log("redis-server not installed: our tile cache runs without its shared tier")
+        return None
+    ensure_free(REDIS_PORT)
+    data = BENCH / "redis"
+    data.mkdir(exist_ok=True)
+    proc = Proc(
+        "redis",
+        [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(REDIS_PORT),
+            "--dir",
+            str(data),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxmemory",
+            "256mb",
+            "--maxmemory-policy",
+            "allkeys-lru",
+        ],
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", REDIS_PORT), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.stop()
+    raise RuntimeError("redis-server did not start")
+
+
+REDIS_URL: str | None = None  # set by main() when a redis-server runs for the bench
+
+
 def start_servers(workers: int, py: str, only: str | None = None) -> dict[str, Proc]:
     """dinamis-tiler and stock titiler-pgstac on loopback, ``workers`` each; waits until both answer."""
     from tiler.embedded import LocalCluster
@@ -591,6 +637,8 @@ def start_servers(workers: int, py: str, only: str | None = None) -> dict[str, P
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("TILER_", "GDAL_", "VSI_", "CPL_"))}
     base_env["DATABASE_URL"] = dsn
     ours_env = dict(base_env, TILER_AUTH_ENABLED="false", PYTHONPATH=str(ROOT))
+    if REDIS_URL:
+        ours_env["TILER_CACHE_REDIS_URL"] = REDIS_URL
     stock_env = dict(base_env, **STOCK_GDAL)
     stock_env.pop("PYTHONPATH", None)
     specs = {
@@ -867,9 +915,21 @@ class Bench:
         seq = rng.choice(len(pool), size=50_000, p=prob / prob.sum())
         runs: dict[str, list[dict]] = {"ours": [], "stock": []}
         use_wrk = shutil.which("wrk") is not None
-        for r in range(self.args.rounds):
-            for srv in self.order(r):
+        # round -1: one unmeasured round per server (the steady state is what users see; a
+        # server without a cache gains nothing from it)
+        for r in range(-1, self.args.rounds):
+            for srv in self.order(max(r, 0)):
                 paths = [self.mosaic_tile(COLLECTIONS[srv], pool[i]) for i in seq]
+                if r < 0:
+                    f = BENCH / f"zipf-{srv}.txt"
+                    f.write_text("\n".join(paths[-5000:]) + "\n")
+                    if use_wrk:
+                        run_wrk(SERVER_PORTS[srv], f, self.args.clients, self.args.zipf_seconds)
+                    else:
+                        run_load(
+                            SERVER_PORTS[srv], paths[-40 * int(self.args.zipf_seconds) :], self.args.clients
+                        )
+                    continue
                 if use_wrk:
                     f = BENCH / f"zipf-{srv}.txt"
                     # each round starts further along the sequence
@@ -1355,6 +1415,7 @@ def main() -> int:
     ap.add_argument(
         "--quick", action="store_true", help="2 rounds, fewer tiles, 20k-item scale case (~3 min)"
     )
+    ap.add_argument("--no-redis", action="store_true", help="our tile cache without its shared Redis tier")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
 
@@ -1371,6 +1432,10 @@ def main() -> int:
 
     cluster, (coll, items) = prepare_data(args.scale_items)
     nginx = start_nginx(BENCH / "cogs")
+    global REDIS_URL
+    redis = None if args.no_redis else start_redis()
+    if redis is not None:
+        REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/0"
     procs: dict[str, Proc] = {}
     try:
         load_collections(cluster.dsn, coll, items, args.scale_items)
@@ -1407,6 +1472,8 @@ def main() -> int:
         b.results["measured_minutes"] = (time.monotonic() - t_measure) / 60
         stop_servers(procs)
         procs = {}
+        # origin counts and the cold low-zoom tile measure reads: no tile from the shared tier
+        REDIS_URL = None
         if "origin" not in skip:
             b.origin_case(py)
         if "lowzoom" not in skip:
@@ -1414,6 +1481,8 @@ def main() -> int:
     finally:
         stop_servers(procs)
         nginx.stop()
+        if redis is not None:
+            redis.stop()
         cluster.stop()
     total = time.monotonic() - t_start
     rows = table(b.results, args)
@@ -1424,6 +1493,7 @@ def main() -> int:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "setup_seconds": round(t_setup, 1),
         "total_seconds": round(total, 1),
+        "redis": REDIS_URL is not None,
         "data": f"{N_SCENES} scenes, MS {MS_SIZE} px 6 m 4-band uint16, pan {MS_SIZE * 4} px 1.5 m, 512 px blocks",
     }
     print()

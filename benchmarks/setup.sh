@@ -10,7 +10,7 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 need=()
-for pkg in nginx-light wrk; do
+for pkg in nginx-light wrk redis-server; do
   # any nginx flavour will do
   if [ "$pkg" = nginx-light ] && command -v nginx >/dev/null 2>&1; then continue; fi
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
