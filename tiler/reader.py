@@ -16,11 +16,14 @@ that is upstream (see tests/test_stats.py), not fixed here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from functools import cached_property
 from typing import Any
 
 import attr
 import numpy as np
+from rasterio.warp import calculate_default_transform
 from rio_tiler.io import Reader
 from rio_tiler.models import ImageData, PointData
 from rio_tiler.types import AssetInfo, AssetType
@@ -63,6 +66,27 @@ def _with_stretch(info: AssetInfo, metadata: dict) -> AssetInfo:
 def _without_layer(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Read options without the layer's own (the pansharpening spec says what to read)."""
     return {k: v for k, v in kwargs.items() if k not in ("assets", "expression", "asset_as_band")}
+
+
+@functools.lru_cache(maxsize=4096)
+def _geom_in_crs(crs: Any, dst_crs: Any, width: int, height: int, bounds: tuple) -> tuple:
+    """``calculate_default_transform`` of a dataset grid (affine, width, height), memoized.
+
+    rio-tiler's STAC readers compute it for every item of every request to derive the
+    item's zoom range; the answer depends only on the grid, so each grid is computed once.
+    """
+    return calculate_default_transform(crs, dst_crs, width, height, *bounds)
+
+
+class GridCacheMixin:
+    """STAC readers whose item zoom range comes from `_geom_in_crs` (memoized per grid)."""
+
+    @cached_property
+    def _dst_geom_in_tms_crs(self) -> Any:
+        tms_crs = self.tms.rasterio_crs  # type: ignore[attr-defined]
+        if self.crs == tms_crs:  # type: ignore[attr-defined]
+            return super()._dst_geom_in_tms_crs  # type: ignore[misc]
+        return _geom_in_crs(self.crs, tms_crs, self.width, self.height, tuple(self.bounds))  # type: ignore[attr-defined]
 
 
 class PansharpenMixin:
@@ -198,7 +222,7 @@ class PansharpenMixin:
 
 
 @attr.s
-class ItemReader(PansharpenMixin, PgSTACReader):
+class ItemReader(GridCacheMixin, PansharpenMixin, PgSTACReader):
     """Reader of one pgstac item (item and asset endpoints); assets opened by `SigningReader`."""
 
     reader: type[Reader] = attr.ib(default=SigningReader)
@@ -214,7 +238,7 @@ class ItemReader(PansharpenMixin, PgSTACReader):
 
 
 @attr.s
-class MosaicItemReader(PansharpenMixin, SimpleSTACReader):
+class MosaicItemReader(GridCacheMixin, PansharpenMixin, SimpleSTACReader):
     """Reader of the items of a mosaic (collections and registered searches); assets opened by `SigningReader`.
 
     Its items come from the mosaic's pgstac search with the fields of `MOSAIC_ITEM_FIELDS`.

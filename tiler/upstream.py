@@ -259,6 +259,15 @@ LOWZOOM_MAX_COVER = 0.25
 LOWZOOM_MARGIN = 2
 
 
+@functools.lru_cache(maxsize=4096)
+def _footprint(crs: Any, dst_crs: Any, bounds: tuple) -> tuple[float, float, float, float] | None:
+    """A dataset's bounds in ``dst_crs`` (densified), memoized per grid; None if they cannot be."""
+    try:
+        return transform_bounds(crs, dst_crs, *bounds, densify_pts=21)
+    except Exception:  # noqa: BLE001 - outside the projection's domain
+        return None
+
+
 def _fill_value(nodata: Any, dtype: np.dtype) -> Any:
     """What rio-tiler leaves under the mask: the nodata value when ``dtype`` holds it, else 0."""
     if nodata is None:
@@ -454,10 +463,10 @@ class SigningReader(Reader):
             dx, dy = (right - left) / width * buffer, (top - bottom) / height * buffer
             left, bottom, right, top = left - dx, bottom - dy, right + dx, top + dy
             width, height = width + int(2 * buffer), height + int(2 * buffer)
-        try:
-            fl, fb, fr, ft = transform_bounds(self.dataset.crs, crs, *self.dataset.bounds, densify_pts=21)
-        except Exception:  # noqa: BLE001 - outside the projection's domain: let rio-tiler decide
+        footprint = _footprint(self.crs, crs, tuple(self.bounds))
+        if footprint is None:  # outside the projection's domain: let rio-tiler decide
             return None
+        fl, fb, fr, ft = footprint
         if not all(np.isfinite((fl, fb, fr, ft))) or fl >= fr or fb >= ft:  # e.g. across the antimeridian
             return None
         xres, yres = (right - left) / width, (top - bottom) / height
