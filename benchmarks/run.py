@@ -876,6 +876,43 @@ class Bench:
             f"(timeout {timeout:.0f} s)"
         )
 
+    def workers_case(self, py: str) -> None:
+        """Scale-out on one node: distinct z16 MS item tiles with 1 and with 2 workers, fresh servers.
+
+        Each (server, workers) pair gets a fresh process group and its own tiles (none
+        requested before in that process), 4 clients, so caches cannot help.
+        """
+        tiles = []
+        for it in self.items:
+            tiles += [(it["id"], t) for t in tiles_in([it], 16)]
+        random.Random(16).shuffle(tiles)
+        n = min(self.args.tiles * 2, len(tiles) // 4)
+        runs: dict[str, list[dict]] = {"ours": [], "stock": []}
+        k = 0
+        for workers in (1, 2):
+            for srv in ("ours", "stock"):
+                procs = start_servers(workers, py, only=srv)
+                try:
+                    # imports and route tables on every worker, outside the measured tiles
+                    for _ in range(2 * workers):
+                        fetch(
+                            SERVER_PORTS[srv],
+                            f"/collections/{COLLECTIONS[srv]}/tiles/WebMercatorQuad/tilejson.json",
+                        )
+                    chunk = tiles[k * n : (k + 1) * n]
+                    paths = [self.item_tile(srv, item, t, MS_RGB) for item, t in chunk]
+                    res = run_load(SERVER_PORTS[srv], paths, self.args.concurrency)
+                finally:
+                    stop_servers(procs)
+                runs[srv].append(dict(res, workers=workers))
+                k += 1
+        self.record("workers", runs)
+        o, st = runs["ours"], runs["stock"]
+        log(
+            f"workers: ours {o[0]['rps']:.1f}/s (1) {o[1]['rps']:.1f}/s (2), "
+            f"stock {st[0]['rps']:.1f}/s (1) {st[1]['rps']:.1f}/s (2)"
+        )
+
     def preview_case(self) -> None:
         """512 px MS preview of each item, sequential; each round a slightly different size."""
         runs: dict[str, list[dict]] = {"ours": [], "stock": []}
@@ -1237,6 +1274,23 @@ def table(results: dict, args: argparse.Namespace) -> list[dict]:
             None,
             "{:.0f}",
         )
+    if "workers" in results:
+        w = results["workers"]["rounds"]
+        for i, n in enumerate((1, 2)):
+            o, st = w["ours"][i], w["stock"][i]
+            row(
+                f"item MS z16, {n} worker{'s' * (n > 1)}, 4 clients: tiles/s (fresh servers)",
+                o["rps"],
+                st["rps"],
+                o["rps"] / st["rps"] if st["rps"] else None,
+                "",
+                None,
+            )
+        scale_o, scale_s = (
+            w["ours"][1]["rps"] / w["ours"][0]["rps"],
+            w["stock"][1]["rps"] / w["stock"][0]["rps"],
+        )
+        row("2 workers / 1 worker (2 cores)", scale_o, scale_s, None, "", None, "{:.2f}")
     name = "low zoom, whole collection"
     if name in results:
         r = results[name]["rounds"]
@@ -1410,7 +1464,7 @@ def main() -> int:
         "--profile", action="store_true", help="py-spy our workers during the distinct-tile cases"
     )
     ap.add_argument(
-        "--skip", default="", help="comma-separated: items,mosaic,lowzoom,preview,zipf,scale,origin"
+        "--skip", default="", help="comma-separated: items,mosaic,lowzoom,preview,zipf,scale,origin,workers"
     )
     ap.add_argument(
         "--quick", action="store_true", help="2 rounds, fewer tiles, 20k-item scale case (~3 min)"
@@ -1478,6 +1532,8 @@ def main() -> int:
             b.origin_case(py)
         if "lowzoom" not in skip:
             b.low_zoom_case(py)
+        if "workers" not in skip:
+            b.workers_case(py)
     finally:
         stop_servers(procs)
         nginx.stop()
