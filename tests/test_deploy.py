@@ -378,19 +378,26 @@ def test_probe_paths_answer_in_the_app(rendered, dsn):
 
 def test_memory_request_covers_the_gdal_caches(rendered):
     """The arithmetic in tiler-deployment.yaml, recomputed from the ConfigMap the pod reads."""
-    from tiler.settings import GdalSettings
+    from tiler.settings import GdalSettings, ReaderSettings, TileCacheSettings
 
     res = rendered["production"]
     env = by_key(res)[("ConfigMap", "dinamis-tiler-env")]["data"]
-    gdal = GdalSettings(
-        **{k.removeprefix("TILER_GDAL_").lower(): v for k, v in env.items() if k.startswith("TILER_GDAL_")}
+
+    def area(cls, prefix):
+        return cls(**{k.removeprefix(prefix).lower(): v for k, v in env.items() if k.startswith(prefix)})
+
+    gdal, reader, cache = (
+        area(GdalSettings, "TILER_GDAL_"),
+        area(ReaderSettings, "TILER_READER_"),
+        area(TileCacheSettings, "TILER_CACHE_"),
     )
     mb = 2**20
-    open_files, python_mb, master_mb = 32, 160 + 320, 60
+    in_renders, python_mb, master_mb = 32, 160 + 320, 60
     per_worker = (
         gdal.gdal_cachemax * mb
         + int(gdal.cpl_vsil_curl_cache_size)
-        + int(gdal.vsi_cache_size) * open_files
+        + int(gdal.vsi_cache_size) * (in_renders + reader.pool_size)
+        + cache.max_mb * mb
         + python_mb * mb
     )
     need = per_worker * int(env["WEB_CONCURRENCY"]) + master_mb * mb

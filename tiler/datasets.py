@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 class DatasetPool:
     """Idle rasterio datasets by href, least recently used first out."""
 
-    def __init__(self, max_open: int = 64, per_file: int = 4, ttl: float = 300.0) -> None:
+    def __init__(self, max_open: int = 32, per_file: int = 4, ttl: float = 300.0) -> None:
         """``max_open`` idle datasets in all, ``per_file`` per href, ``ttl`` seconds idle each."""
         self.max_open = max_open
         self.per_file = per_file

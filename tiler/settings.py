@@ -262,7 +262,7 @@ class ReaderSettings(BaseSettings):
     """How COGs are read and tiles encoded, per worker process."""
 
     pool_size: int = Field(
-        default=64,
+        default=32,
         ge=0,
         le=4096,
         description=(
