@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,8 @@ from tiler import datasets
 from tiler.datasets import DatasetPool
 from tiler.settings import GdalSettings
 from tiler.upstream import SigningReader, clear_http_cache
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -165,3 +170,76 @@ def test_tiles_through_the_app_take_pooled_datasets(client, sample):
     r = client.get(f"{base}/{z}/{x + 1}/{y}.png", params=q)
     assert r.status_code == 200, r.text
     assert datasets.POOL.hits == hits + 1
+
+
+def _zlib_flevel(png: bytes) -> int:
+    """FLEVEL of the first IDAT's zlib header: 0 fastest (level 0-1), 1 fast, 2 default (6), 3 max."""
+    i = png.index(b"IDAT") + 4
+    return png[i + 1] >> 6
+
+
+def test_png_zlib_level_follows_the_setting(client, dsn, sample):
+    from fastapi.testclient import TestClient
+    from rio_tiler.profiles import img_profiles
+
+    from tests.conftest import make_settings
+    from tiler.main import create_app
+    from tiler.settings import ReaderSettings
+
+    x, y, z = _tile_of(sample)
+    item = sample.item(0)
+    url = f"/collections/{item['collection']}/items/{item['id']}/tiles/WebMercatorQuad/{z}/{x}/{y}.png"
+    q = {"assets": "ms|bidx=3,2,1", "rescale": "0,1999"}
+    r = client.get(url, params=q)
+    assert r.status_code == 200 and _zlib_flevel(r.content) == 0  # the default: level 1
+    settings = make_settings(dsn)
+    settings.reader = ReaderSettings(png_zlevel=6)
+    settings.cache.enabled = False
+    try:
+        with TestClient(create_app(settings)) as c6:
+            r6 = c6.get(url, params=q)
+        assert r6.status_code == 200 and _zlib_flevel(r6.content) == 2
+        assert len(r6.content) < len(r.content)  # same pixels, smaller file
+    finally:
+        img_profiles.data["png"]["zlevel"] = ReaderSettings().png_zlevel  # what the session app set
+
+
+ARENAS = """
+import ctypes, sys, threading
+from tiler.datasets import limit_malloc_arenas
+if sys.argv[1] == "2":
+    assert limit_malloc_arenas(2)
+barrier = threading.Barrier(16)
+def work():
+    barrier.wait()
+    for _ in range(300):
+        keep = [bytearray(100_000) for _ in range(10)]
+threads = [threading.Thread(target=work) for _ in range(16)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+f = libc.fopen(sys.argv[2].encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(f))
+libc.fclose(ctypes.c_void_p(f))
+print(open(sys.argv[2]).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_malloc_arenas_are_capped(tmp_path):
+    """16 threads allocating at once: glibc makes many arenas, 2 with `limit_malloc_arenas(2)`."""
+
+    def heaps(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", ARENAS, mode, str(tmp_path / f"{mode}.xml")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            check=True,
+        )
+        return int(out.stdout.strip())
+
+    assert heaps("default") > 2
+    assert heaps("2") <= 2

@@ -95,6 +95,11 @@ def app_with_redis(dsn, url, auth=None, **kw):
     return create_app(s)
 
 
+def settle(app) -> None:
+    """The background writes to Redis of ``app`` are done (a miss does not wait for them)."""
+    assert app.state.tile_cache.shared.flush(5), "background writes to Redis still pending after 5 s"
+
+
 def test_a_tile_rendered_by_one_replica_is_a_hit_in_another(dsn, sample, recorded, redis_server):
     x, y = overlap_tile(sample)
     url = f"/collections/{RECORDED}/tiles/WebMercatorQuad/{Z}/{x}/{y}.png"
@@ -103,6 +108,7 @@ def test_a_tile_rendered_by_one_replica_is_a_hit_in_another(dsn, sample, recorde
     with TestClient(app_a) as a, TestClient(app_b) as b:
         first, n_first = upstream_requests(recorded, lambda: a.get(url, params=params))
         assert first.status_code == 200 and first.headers["x-tile-cache"] == "miss" and n_first > 0
+        settle(app_a)
 
         other, n_other = upstream_requests(recorded, lambda: b.get(url, params=params))
         assert other.status_code == 200 and other.headers["x-tile-cache"] == "hit-shared"
@@ -141,6 +147,7 @@ def test_rights_are_checked_on_a_shared_hit(dsn, sample, b_item, auth_files, key
     with TestClient(app_a) as a, TestClient(app_b) as b:
         first = a.get(url, headers=alice)
         assert first.status_code == 200 and first.headers["x-tile-cache"] == "miss"
+        settle(app_a)
         assert redis_server.client().dbsize() == 1
 
         # B finds the tile in Redis, and still refuses whom the policy refuses
@@ -174,6 +181,7 @@ def test_redis_outage_never_fails_a_tile_and_is_recovered(dsn, sample, redis_ser
     cache = app.state.tile_cache
     with TestClient(app) as c:
         slowest_render = max(render_time(c, u, params) for u in urls)  # rendered, now in Redis
+        settle(app)
         assert redis_server.client().dbsize() == len(urls)
         budget = slowest_render + TIMEOUT + 1.0  # generous: the bound is render + one socket timeout
 
@@ -232,6 +240,7 @@ def test_foreign_values_in_redis_are_ignored(dsn, sample, redis_server):
     with TestClient(app) as c:
         good = c.get(url)
         assert good.status_code == 200 and good.headers["x-tile-cache"] == "miss"
+        settle(app)
         (key,) = rc.keys("*")
         valid = rc.get(key)
         html = encode(CachedResponse(200, b"<script>alert(1)</script>", ((b"content-type", b"text/html"),)))
@@ -251,6 +260,7 @@ def test_foreign_values_in_redis_are_ignored(dsn, sample, redis_server):
             r = c.get(url)
             assert r.status_code == 200 and r.headers["x-tile-cache"] == "miss", value[:20]
             assert r.content == good.content and "set-cookie" not in r.headers
+            settle(app)
             assert cache.shared.invalid == n
             assert rc.get(key) == valid  # the render replaced it
         # another type under the key (WRONGTYPE from Redis): a miss, not an outage
@@ -259,6 +269,7 @@ def test_foreign_values_in_redis_are_ignored(dsn, sample, redis_server):
         cache.clear()
         r = c.get(url)
         assert r.status_code == 200 and r.content == good.content and r.headers["x-tile-cache"] == "miss"
+        settle(app)
         assert cache.shared.invalid == len(foreign) + 1 and cache.shared_errors == 0
         cache.clear()
         assert c.get(url).headers["x-tile-cache"] == "hit-shared"  # SET replaced the list
@@ -278,6 +289,7 @@ def test_the_password_is_never_shown(dsn, sample, redis_server, caplog):
                 r = c.get(path)
                 assert r.status_code < 500
                 texts.append(r.text + str(r.headers))
+            settle(app)
         if u == wrong:
             assert app.state.tile_cache.shared_errors >= 1  # refused by Redis: logged below
     logged = caplog.text + " ".join(str(r.args) for r in caplog.records)
@@ -306,3 +318,28 @@ def test_server_works_without_redis_settings(client, sample):
     assert client.app.state.tile_cache.shared is None
     url = f"/collections/spot67-demo/items/{sample.item(0)['id']}/thumbnail.png"
     assert client.get(url, params={"size": 32}).status_code == 200
+
+
+def test_writes_to_redis_are_in_the_background_and_bounded(redis_server):
+    """A put never blocks its caller; while Redis hangs, writes beyond `max_pending` are dropped."""
+    from tiler.rediscache import RedisTileStore
+
+    store = RedisTileStore(
+        redis_server.url, prefix="t", ttl=60, timeout=TIMEOUT, backoff=BACKOFF, max_entry_bytes=1 << 20
+    )
+    store.max_pending = 2
+    entry = CachedResponse(200, b"x" * 100, ((b"content-type", b"image/png"),))
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        t = time.perf_counter()
+        queued = [store.put_soon(f"k{i}", entry) for i in range(5)]
+        assert time.perf_counter() - t < TIMEOUT / 2  # nobody waited for the hung Redis
+        assert queued == [True, True, False, False, False] and store.dropped == 3
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    assert store.flush(TIMEOUT * 4 + 5)
+    # once Redis answers again (after the back-off), a background write lands
+    time.sleep(BACKOFF)
+    assert store.put_soon("later", entry) and store.flush(5)
+    assert store.get("later") is not None
+    store.close()

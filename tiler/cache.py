@@ -274,4 +274,4 @@ async def _store(cache: TileCache, key: str, entry: CachedResponse) -> None:
     """Keep a rendered answer in this process and in the shared store."""
     cache.put(key, entry)
     if cache.shared is not None and entry.size <= cache.max_entry_bytes:
-        await run_in_threadpool(cache.shared.put, key, entry)
+        cache.shared.put_soon(key, entry)  # in the background: the answer does not wait for Redis

@@ -165,6 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         ORIGIN.enable()
     templates = _templates()
     env_dep = gdal_env_dependency(settings.gdal)
+    datasets.limit_malloc_arenas(settings.reader.malloc_arena_max)
     datasets.configure(settings.reader.pool_size, settings.reader.pool_per_file, settings.reader.pool_ttl)
     # titiler's render_image lets rio-tiler's profile win over per-call options: set the level there
     img_profiles.data["png"]["zlevel"] = settings.reader.png_zlevel

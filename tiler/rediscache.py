@@ -21,6 +21,7 @@ import re
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -140,6 +141,10 @@ class RedisTileStore:
         self.errors = 0
         self.invalid = 0
         self.skipped = 0
+        self.dropped = 0
+        self.max_pending = 64
+        self._pending = 0
+        self._writer: ThreadPoolExecutor | None = None
 
     def key(self, cache_key: str) -> str:
         """The Redis key of a `tiler.cache.cache_key`."""
@@ -192,8 +197,51 @@ class RedisTileStore:
             return
         self._ok()
 
+    def put_soon(self, cache_key: str, entry: CachedResponse) -> bool:
+        """`put` in a background thread, so a miss never waits for Redis.
+
+        At most ``max_pending`` writes wait; past that the entry is not shared (``dropped``
+        counts them) rather than queued without bound while Redis is slow.
+        """
+        with self._lock:
+            if self._pending >= self.max_pending:
+                self.dropped += 1
+                return False
+            self._pending += 1
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tile-cache-redis")
+            writer = self._writer
+        try:
+            writer.submit(self._put_then_release, cache_key, entry)
+        except RuntimeError:  # shut down (app stopping)
+            self._release()
+            return False
+        return True
+
+    def _put_then_release(self, cache_key: str, entry: CachedResponse) -> None:
+        try:
+            self.put(cache_key, entry)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait (at most ``timeout`` s) until the background writes are done; True if they are."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self._lock:
+                if self._pending == 0:
+                    return True
+            time.sleep(0.005)
+        return False
+
     def close(self) -> None:
-        """Close the connections."""
+        """Close the connections (pending background writes are abandoned)."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=False, cancel_futures=True)
         try:
             self._client.close()
         except self._failures:  # pragma: no cover - closing a broken connection

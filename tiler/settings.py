@@ -286,6 +286,17 @@ class ReaderSettings(BaseSettings):
         ),
     )
 
+    malloc_arena_max: int = Field(
+        default=2,
+        ge=0,
+        le=64,
+        description=(
+            "glibc malloc arenas per worker process (0: glibc's default, 8 x cores). Render threads "
+            "each get an arena by default; measured on the soak, 2 arenas keep ~160 MiB less per "
+            "worker after 5 min at the same throughput."
+        ),
+    )
+
     model_config = SettingsConfigDict(env_prefix="TILER_READER_", extra="ignore")
 
 
