@@ -1549,7 +1549,7 @@ def main() -> int:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "setup_seconds": round(t_setup, 1),
         "total_seconds": round(total, 1),
-        "redis": REDIS_URL is not None,
+        "redis_tier_for_ours": redis is not None,
         "data": f"{N_SCENES} scenes, MS {MS_SIZE} px 6 m 4-band uint16, pan {MS_SIZE * 4} px 1.5 m, 512 px blocks",
     }
     print()
