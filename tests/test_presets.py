@@ -27,7 +27,7 @@ from pyproj import Transformer
 from rio_tiler.colormap import cmap as rio_cmap
 from test_items import assert_pixels_match
 
-from tiler import presets as P
+from tiler import presets as P  # noqa: N812 - short alias used throughout
 from tiler.errors import InvalidPreset
 from tiler.ingest import load
 from tiler.sample import CRS_EPSG, MS_RES, NODATA, header_size, landscape, write_cog
@@ -279,7 +279,7 @@ def reordered(dsn, sample, tmp_path_factory):
     """
     order = ["nir", "red", "green", "blue"]
     idx = [MS_INDEX[b] for b in order]
-    for i, it in enumerate(sample.items):
+    for i in range(len(sample.items)):
         src = sample.path(i, "ms")
         dst = src.with_name(src.stem + "_REORDERED.tif")
         if not dst.exists():
