@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from functools import cached_property
 from typing import Any
 
 import attr
@@ -81,7 +80,7 @@ def _geom_in_crs(crs: Any, dst_crs: Any, width: int, height: int, bounds: tuple)
 class GridCacheMixin:
     """STAC readers whose item zoom range comes from `_geom_in_crs` (memoized per grid)."""
 
-    @cached_property
+    @functools.cached_property
     def _dst_geom_in_tms_crs(self) -> Any:
         tms_crs = self.tms.rasterio_crs  # type: ignore[attr-defined]
         if self.crs == tms_crs:  # type: ignore[attr-defined]
