@@ -144,16 +144,42 @@ def test_concurrent_readers_never_share_a_dataset(sample):
     assert len(datasets.POOL) <= datasets.POOL.per_file
 
 
-def test_failed_read_does_not_return_the_dataset(sample):
-    """A reader whose read failed at GDAL level closes its dataset instead of pooling it."""
-    href = sample.item(0)["assets"]["ms"]["href"]
-    datasets.POOL.clear()
-    with SigningReader(href) as r:
-        ds = r.dataset
-        with pytest.raises(Exception):  # noqa: B017 - any GDAL-level error
-            with r._upstream_guard():
-                raise rasterio.errors.RasterioIOError("HTTP response code: 503")
-    assert ds.closed and datasets.POOL.take(href) is None
+def test_failed_read_does_not_return_the_dataset(cog_server, sample):
+    """A real HTTP failure mid-read (the file is gone: 404): the dataset is closed, not pooled."""
+    from affine import Affine
+
+    from tiler.errors import UpstreamError
+    from tiler.sample import write_cog
+
+    # noise does not compress: each 512 px block is its own range, not in GDAL's first read
+    rng = np.random.default_rng(3)
+    data = rng.integers(1, 4000, size=(1, 2048, 2048), dtype="uint16")
+    src = sample.path(0, "ms")
+    with rasterio.open(src) as ds0:
+        t = ds0.transform
+    path = src.with_name("POOL_FAILURE_TEST.tif")
+    write_cog(path, data, Affine(6.0, 0, t.c, 0, -6.0, t.f), ["noise"])
+    href = f"{cog_server.url}/{path.name}"
+    clear_http_cache()
+    with rasterio.open(path) as ds0:
+        (w, s_, e, n) = rasterio.warp.transform_bounds(ds0.crs, "EPSG:4326", *ds0.bounds)
+    nw = mercator_tile(w + 0.1 * (e - w), n - 0.1 * (n - s_), 16)
+    se = mercator_tile(e - 0.1 * (e - w), s_ + 0.1 * (n - s_), 16)
+    try:
+        with SigningReader(href) as r:
+            ds = r.dataset
+            r.tile(*nw, 16)
+        assert datasets.POOL.take(href) is ds  # kept, and taken back here
+        datasets.POOL.give(href, ds)
+        path.unlink()
+        with SigningReader(href) as r:
+            assert r.dataset is ds
+            with pytest.raises(UpstreamError) as e:
+                r.tile(*se, 16)  # blocks never read: GDAL asks the host, which answers 404
+        assert "POOL_FAILURE_TEST.tif" in str(e.value)  # a clean upstream error naming the file
+        assert ds.closed and datasets.POOL.take(href) is None
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def test_tiles_through_the_app_take_pooled_datasets(client, sample):
