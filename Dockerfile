@@ -22,5 +22,6 @@ USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import os,urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/livez' % os.environ.get('PORT','8000'), timeout=3)"]
-# One process per worker; each has its own DB pool (TILER_DB_MAX_CONN) and GDAL cache.
+# One process per worker; each has its own DB pools (TILER_DB_MAX_CONN for tiles + TILER_STAC_MAX_CONN
+# for the STAC API at /stac) and GDAL cache.
 CMD ["sh", "-c", "exec gunicorn 'tiler.main:create_app()' --worker-class uvicorn.workers.UvicornWorker --workers ${WEB_CONCURRENCY} --bind 0.0.0.0:${PORT} --timeout 60 --graceful-timeout 20 --keep-alive 5"]

@@ -18,13 +18,29 @@ from tiler.auth import ApiKeyStore, Policy
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def area(cls, prefix: str, env: dict):
+    """A settings class built from the ``prefix`` variables of ``env`` (defaults for the rest)."""
+    return cls(**{k.removeprefix(prefix).lower(): v for k, v in env.items() if k.startswith(prefix)})
+
+
+# the standalone STAC API the tiler's /stac replaced (it served the stored asset hrefs, unauthenticated)
+OLD_STAC_API = re.compile(r"stac-fastapi|dinamis-stac|stac-api|POSTGRES_HOST_READER|TITILER_ENDPOINT")
+
+
 def test_compose_services_and_secrets():
+    from tiler.settings import StacSettings
+
     doc = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
     services = doc["services"]
-    assert {"database", "tiler", "stac"} <= set(services)
-    for name in ("tiler", "stac"):
-        assert services[name]["depends_on"]["database"]["condition"] == "service_healthy"
+    # the tiler is the only API: the STAC API is its /stac, no separate service
+    assert set(services) == {"database", "tiler"}
+    assert not OLD_STAC_API.search(yaml.safe_dump(doc))
+    assert services["tiler"]["depends_on"]["database"]["condition"] == "service_healthy"
     assert "healthcheck" in services["database"]
+    # only the tiler listens beyond the host's loopback
+    for name, svc in services.items():
+        if name != "tiler":
+            assert all(str(p).startswith("127.0.0.1:") for p in svc.get("ports", [])), name
     # every password comes from the environment and is required (no default secret)
     for svc in services.values():
         for key, value in (svc.get("environment") or {}).items():
@@ -44,10 +60,12 @@ def test_compose_services_and_secrets():
     ApiKeyStore.from_mapping(
         yaml.safe_load((policy.parent / Path(env["TILER_AUTH_API_KEYS_FILE"]).name).read_text())
     )
-    # the tiler and the STAC API read the same database
-    assert (
-        services["tiler"]["environment"]["PGHOST"] == services["stac"]["environment"]["POSTGRES_HOST_READER"]
-    )
+    # the STAC API is on, and both pools of every worker fit the database's `-N`
+    stac = area(StacSettings, "TILER_STAC_", env)
+    assert stac.enabled
+    per_worker = int(env["TILER_DB_MAX_CONN"]) + stac.max_conn
+    max_connections = int(re.search(r"-N (\d+)", services["database"]["command"])[1])
+    assert per_worker * int(env["WEB_CONCURRENCY"]) + 3 <= max_connections
 
 
 def test_dockerfile_multistage_non_root():
@@ -264,14 +282,13 @@ def test_cloudnative_pg_cluster_and_how_the_tiler_reaches_it(rendered):
     # the tiler needs the primary (it writes; see README "Kubernetes"): <cluster>-rw
     assert env["PGHOST"] == f"{name}-rw"
     assert env["PGDATABASE"] == cluster["spec"]["bootstrap"]["initdb"]["database"]
-    stac = {e["name"]: e for e in container(res, "dinamis-stac", "stac")["env"]}
-    assert stac["POSTGRES_HOST_WRITER"]["value"] == f"{name}-rw"
-    # each app logs in with the managed role whose password Secret it reads
+    # the tiler (its STAC API included) is the only application client: one managed role,
+    # the one whose password Secret it reads; no role is left for a client that is gone
     roles = {r["passwordSecret"]["name"]: r for r in cluster["spec"]["managed"]["roles"]}
     tiler_env = {e["name"]: e for e in container(res, "dinamis-tiler", "tiler")["env"]}
     assert tiler_env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["name"] in roles
     assert tiler_env["PGUSER"]["valueFrom"]["secretKeyRef"]["name"] in roles
-    assert stac["POSTGRES_PASS"]["valueFrom"]["secretKeyRef"]["name"] in roles
+    assert set(roles) == {tiler_env["PGUSER"]["valueFrom"]["secretKeyRef"]["name"]}
     # the egress policy lets the tiler reach exactly this cluster's pods on 5432
     policy = by_key(res)[("NetworkPolicy", "dinamis-tiler-egress")]
     db_rules = [r for r in policy["spec"]["egress"] if any(p["port"] == 5432 for p in r["ports"])]
@@ -284,23 +301,158 @@ def test_cloudnative_pg_cluster_and_how_the_tiler_reaches_it(rendered):
     assert job["image"] == container(res, "dinamis-tiler", "tiler")["image"]
 
 
-def test_connection_budget(rendered):
-    """TILER_DB_MAX_CONN x WEB_CONCURRENCY x HPA maxReplicas fits the role's and the server's limits."""
-    res = by_key(rendered["production"])
+RESERVED_CONNECTIONS = 3 + 10  # superuser_reserved_connections, operator + replication + migration job
+
+
+def tiler_pools(resources: list[dict]) -> tuple[int, int, int, int]:
+    """TILER_DB_MAX_CONN, the STAC API's pool (0 when off), workers per pod, pods at most.
+
+    Every worker process has two pools: psycopg (tiles, TILER_DB_MAX_CONN) and the STAC
+    API's asyncpg pool (TILER_STAC_MAX_CONN, when TILER_STAC_ENABLED). Pods: the HPA's
+    maxReplicas plus the pods a rolling update adds on top (maxSurge).
+    """
+    from tiler.settings import DatabaseSettings, StacSettings
+
+    res = by_key(resources)
     env = res[("ConfigMap", "dinamis-tiler-env")]["data"]
-    hpa = res[("HorizontalPodAutoscaler", "dinamis-tiler")]["spec"]
+    db = DatabaseSettings(**{k: v for k, v in env.items() if k.startswith("TILER_DB_")})
+    stac = area(StacSettings, "TILER_STAC_", env)
+    max_replicas = res[("HorizontalPodAutoscaler", "dinamis-tiler")]["spec"]["maxReplicas"]
+    strategy = res[("Deployment", "dinamis-tiler")]["spec"].get("strategy", {})
+    surge = strategy.get("rollingUpdate", {}).get("maxSurge", "25%")
+    if isinstance(surge, str):  # a percentage, rounded up as the Deployment controller does
+        surge = -(-int(surge.rstrip("%")) * max_replicas // 100)
+    stac_conn = stac.max_conn if stac.enabled else 0
+    return db.max_conn, stac_conn, int(env["WEB_CONCURRENCY"]), max_replicas + surge
+
+
+def tiler_connections(resources: list[dict]) -> int:
+    """The tiler's worst case: (TILER_DB_MAX_CONN + TILER_STAC_MAX_CONN) x workers x pods."""
+    db_conn, stac_conn, workers, pods = tiler_pools(resources)
+    return (db_conn + stac_conn) * workers * pods
+
+
+def budget_problems(resources: list[dict]) -> list[str]:
+    """What does not fit: the tiler's role limit, then the server's max_connections."""
+    res = by_key(resources)
     cluster = res[("Cluster", "pgstac")]["spec"]
-    tiler = int(env["TILER_DB_MAX_CONN"]) * int(env["WEB_CONCURRENCY"]) * hpa["maxReplicas"]
-    limits = {r["name"]: r.get("connectionLimit", 10**6) for r in cluster["managed"]["roles"]}
-    assert tiler <= limits["tiler"]
-    stac_env = {
-        e["name"]: e.get("value") for e in container(rendered["production"], "dinamis-stac", "stac")["env"]
-    }
-    # stac-fastapi-pgstac opens a reader and a writer pool per replica
-    stac = 2 * int(stac_env["DB_MAX_CONN_SIZE"]) * res[("Deployment", "dinamis-stac")]["spec"]["replicas"]
-    assert stac <= limits["stac"]
-    reserved = 3 + 10  # superuser_reserved_connections, operator + replication + migration job
-    assert tiler + stac + reserved <= int(cluster["postgresql"]["parameters"]["max_connections"])
+    secret = next(
+        e
+        for e in res[("Deployment", "dinamis-tiler")]["spec"]["template"]["spec"]["containers"][0]["env"]
+        if e["name"] == "PGUSER"
+    )["valueFrom"]["secretKeyRef"]["name"]
+    roles = cluster["managed"]["roles"]
+    tiler_role = next(r for r in roles if r["passwordSecret"]["name"] == secret)
+    tiler = tiler_connections(resources)
+    # any other login role may use its whole connectionLimit
+    others = sum(r.get("connectionLimit", 10**6) for r in roles if r is not tiler_role and r.get("login"))
+    max_connections = int(cluster["postgresql"]["parameters"]["max_connections"])
+    problems = []
+    if tiler > tiler_role.get("connectionLimit", 10**6):
+        problems.append(f"tiler {tiler} > role {tiler_role['name']} connectionLimit")
+    if tiler + others + RESERVED_CONNECTIONS > max_connections:
+        problems.append(f"tiler {tiler} + others {others} + reserved > max_connections {max_connections}")
+    return problems
+
+
+def test_connection_budget(rendered):
+    """Both pools of every tiler worker, at maxReplicas + surge, fit the role's and the server's limits."""
+    for name in ("production", "everything"):
+        assert budget_problems(rendered[name]) == [], name
+    # production: (8 + 4) x 2 workers x (10 + 1 surge) pods
+    assert tiler_connections(rendered["production"]) == (8 + 4) * 2 * 11
+
+
+def test_connection_budget_counts_the_stac_pool(rendered):
+    """The arithmetic fails on a real mistake: a larger STAC pool, a larger HPA, a STAC API back as a role."""
+    from tiler.settings import StacSettings
+
+    prod = rendered["production"]
+
+    def patched(kind: str, name: str, patch: dict) -> list[dict]:
+        return [merge(r, patch) if (r["kind"], r["metadata"]["name"]) == (kind, name) else r for r in prod]
+
+    # the STAC pool counts (and TILER_STAC_MAX_CONN's default when the ConfigMap leaves it out)
+    assert budget_problems(patched("ConfigMap", "dinamis-tiler-env", {"data": {"TILER_STAC_MAX_CONN": "8"}}))
+    without = patched("ConfigMap", "dinamis-tiler-env", {"data": {"TILER_STAC_MAX_CONN": None}})
+    assert tiler_connections(without) == (8 + StacSettings.model_fields["max_conn"].default) * 2 * 11
+    # switched off, the STAC pool does not count
+    off = patched("ConfigMap", "dinamis-tiler-env", {"data": {"TILER_STAC_ENABLED": "false"}})
+    assert tiler_connections(off) == 8 * 2 * 11
+    assert budget_problems(patched("HorizontalPodAutoscaler", "dinamis-tiler", {"spec": {"maxReplicas": 12}}))
+    cluster = by_key(prod)[("Cluster", "pgstac")]
+    extra = {"name": "stac", "login": True, "connectionLimit": 60, "passwordSecret": {"name": "x"}}
+    roles = [*cluster["spec"]["managed"]["roles"], extra]
+    assert budget_problems(patched("Cluster", "pgstac", {"spec": {"managed": {"roles": roles}}}))
+
+
+def test_the_app_startup_check_agrees_with_the_budget(rendered):
+    """tiler.db.connection_budget (logged at start, TILER_DB_STRICT_BUDGET) counts the STAC pool the same way."""
+    from contextlib import contextmanager
+
+    from tiler.db import connection_budget
+    from tiler.settings import DatabaseSettings
+
+    cluster = by_key(rendered["production"])[("Cluster", "pgstac")]["spec"]
+    rows = [
+        ("max_connections", int(cluster["postgresql"]["parameters"]["max_connections"])),
+        ("superuser_reserved_connections", 3),
+    ]
+
+    class Pool:
+        @contextmanager
+        def connection(self, timeout=None):
+            class Conn:
+                def execute(self, *_):
+                    return type("Cursor", (), {"fetchall": lambda self: rows})()
+
+            yield Conn()
+
+    db_conn, stac_conn, workers, pods = tiler_pools(rendered["production"])
+    db = DatabaseSettings(
+        max_conn=db_conn, workers=workers, replicas=pods, other_connections=RESERVED_CONNECTIONS - 3
+    )
+    assert connection_budget(Pool(), db, stac_conn=stac_conn) is None
+    too_many = connection_budget(Pool(), db, stac_conn=stac_conn + 20)
+    assert too_many and "TILER_STAC_MAX_CONN" in too_many
+
+
+def test_the_tiler_is_the_only_http_api(rendered):
+    """No standalone STAC API (unauthenticated, it served the stored asset hrefs): the tiler's /stac."""
+    from tiler.settings import StacSettings
+
+    for name, resources in rendered.items():
+        res = by_key(resources)
+        assert not OLD_STAC_API.search(yaml.safe_dump(resources)), name
+        workloads = {k: r for k, r in res.items() if k[0] in ("Deployment", "StatefulSet", "DaemonSet")}
+        assert ("Deployment", "dinamis-tiler") in workloads
+        assert set(workloads) <= {("Deployment", "dinamis-tiler"), ("Deployment", "dinamis-redis")}, name
+        pods = [r["spec"]["template"]["metadata"]["labels"] for r in workloads.values()]
+        pods += [r["spec"]["template"]["metadata"]["labels"] for k, r in res.items() if k[0] == "Job"]
+
+        def selects_some_pod(selector: dict, pods: list[dict] = pods) -> bool:
+            return any(all(p.get(k) == v for k, v in selector.items()) for p in pods)
+
+        for key, r in res.items():
+            # every Service and NetworkPolicy is about pods that exist (nothing left of a removed app)
+            if key[0] == "Service":
+                assert selects_some_pod(r["spec"]["selector"]), (name, key)
+                if any(p["name"].startswith("http") for p in r["spec"]["ports"]):
+                    assert key == ("Service", "dinamis-tiler"), (name, key)
+            if key[0] == "NetworkPolicy":
+                assert selects_some_pod(r["spec"]["podSelector"]["matchLabels"]), (name, key)
+                for rule in r["spec"].get("egress", []) + r["spec"].get("ingress", []):
+                    for peer in rule.get("to", []) + rule.get("from", []):
+                        labels = peer.get("podSelector", {}).get("matchLabels", {})
+                        if labels and "namespaceSelector" not in peer and "cnpg.io/cluster" not in labels:
+                            assert selects_some_pod(labels), (name, key, labels)
+            # no route to anything but the tiler
+            if key[0] in ("Ingress", "HTTPRoute"):
+                assert "dinamis-tiler" in yaml.safe_dump(r["spec"]), (name, key)
+        # the tiler serves the STAC API (in-process) with an explicit read-only pool
+        env = res[("ConfigMap", "dinamis-tiler-env")]["data"]
+        stac = area(StacSettings, "TILER_STAC_", env)
+        assert stac.enabled and "TILER_STAC_MAX_CONN" in env, name
 
 
 def test_tiler_pod_wiring(rendered):
@@ -378,18 +530,15 @@ def test_probe_paths_answer_in_the_app(rendered, dsn):
 
 def test_memory_request_covers_the_gdal_caches(rendered):
     """The arithmetic in tiler-deployment.yaml, recomputed from the ConfigMap the pod reads."""
-    from tiler.settings import GdalSettings, ReaderSettings, TileCacheSettings
+    from tiler.settings import GdalSettings, ReaderSettings, StreamSettings, TileCacheSettings
 
     res = rendered["production"]
     env = by_key(res)[("ConfigMap", "dinamis-tiler-env")]["data"]
-
-    def area(cls, prefix):
-        return cls(**{k.removeprefix(prefix).lower(): v for k, v in env.items() if k.startswith(prefix)})
-
-    gdal, reader, cache = (
-        area(GdalSettings, "TILER_GDAL_"),
-        area(ReaderSettings, "TILER_READER_"),
-        area(TileCacheSettings, "TILER_CACHE_"),
+    gdal, reader, cache, stream = (
+        area(GdalSettings, "TILER_GDAL_", env),
+        area(ReaderSettings, "TILER_READER_", env),
+        area(TileCacheSettings, "TILER_CACHE_", env),
+        area(StreamSettings, "TILER_STREAM_", env),
     )
     mb = 2**20
     in_renders, python_mb, master_mb = 32, 160 + 320, 60
@@ -398,6 +547,7 @@ def test_memory_request_covers_the_gdal_caches(rendered):
         + int(gdal.cpl_vsil_curl_cache_size)
         + int(gdal.vsi_cache_size) * (in_renders + reader.pool_size)
         + cache.max_mb * mb
+        + stream.max_total * stream.chunk_bytes * 2  # raw streams: one chunk read, one being sent
         + python_mb * mb
     )
     need = per_worker * int(env["WEB_CONCURRENCY"]) + master_mb * mb
@@ -437,6 +587,8 @@ def test_every_env_var_is_read_by_the_settings(rendered):
         "PGHOST",
         "TILER_API_READINESS_PROBE_URLS",
         "TILER_GDAL_GDAL_CACHEMAX",
+        "TILER_STAC_MAX_CONN",
+        "TILER_STREAM_MAX_TOTAL",
     } <= known
     # titiler-pgstac's own variables, and the two the image's CMD reads
     for cls in (CacheSettings, PgstacSettings):
@@ -454,10 +606,9 @@ def test_every_env_var_is_read_by_the_settings(rendered):
             names |= set(res[("ConfigMap", src["configMapRef"]["name"])]["data"])
         unknown = names - known
         assert not unknown, f"{name}: variables no setting reads: {sorted(unknown)}"
-        # the STAC API gets the variables compose gives it (plus its pool sizes)
-        compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]["stac"]
-        stac = {e["name"] for e in container(resources, "dinamis-stac", "stac")["env"]}
-        assert stac - {"DB_MIN_CONN_SIZE", "DB_MAX_CONN_SIZE"} == set(compose["environment"])
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]["tiler"]
+    unknown = set(compose["environment"]) - known
+    assert not unknown, f"compose: variables no setting reads: {sorted(unknown)}"
 
 
 def test_tiler_config_files_and_secrets(rendered):
@@ -589,6 +740,20 @@ def test_database_roles_the_manifests_set_up(rendered, dsn, sample):
         jti = secrets.token_hex(8)
         revoked.revoke(jti, "someone", int(_time.time()) + 3600)
         assert RevocationList(lambda: c.app.state.dbpool, interval=0)(jti)
+        # the STAC API under /stac, on the same role (pgstac_read): collections, search, item;
+        # the stored hrefs appear nowhere, the assets are links to the tiler's /stream
+        collection = item["collection"]
+        assert c.get("/stac/collections").status_code == 200
+        assert c.get(f"/stac/collections/{collection}").status_code == 200
+        r = c.get("/stac/search", params={"collections": collection, "limit": 2})
+        assert r.status_code == 200, r.text
+        assert r.json()["features"]
+        r = c.post("/stac/search", json={"collections": [collection], "ids": [item["id"]]})
+        assert r.status_code == 200, r.text
+        (found,) = r.json()["features"]
+        for asset_name, asset in item["assets"].items():
+            assert asset["href"] not in r.text
+            assert found["assets"][asset_name]["href"].startswith("http://testserver/stream/collections/")
 
     with TestClient(create_app(make_settings(role_dsn(standby))), raise_server_exceptions=False) as c:
         assert c.get("/healthz").status_code == 200  # it connects and reads...

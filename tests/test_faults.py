@@ -460,19 +460,19 @@ def test_database_restart_under_load(own_cluster, sample):
 
 
 def test_connection_budget_checked_at_start(dsn, caplog):
-    """max_conn x workers x replicas above max_connections: a warning, or no start when strict."""
+    """(max_conn + the STAC API's pool) x workers x replicas above max_connections: a warning, or no start when strict."""
     s = make_settings(dsn)
-    s.db.max_conn, s.db.workers, s.db.replicas = 20, 4, 3  # 240 > 200 - 3
+    s.db.max_conn, s.db.workers, s.db.replicas = 20, 4, 3  # (20 + 4) x 4 x 3 = 288 > 200 - 3
     caplog.set_level(logging.WARNING)
     with TestClient(create_app(s)) as c:
         assert c.get("/livez").status_code == 200
     msgs = [r.getMessage() for r in caplog.records if "connection budget" in r.getMessage()]
-    assert msgs and "240" in msgs[0] and "197" in msgs[0], msgs
+    assert msgs and "288" in msgs[0] and "197" in msgs[0] and "TILER_STAC_MAX_CONN=4" in msgs[0], msgs
     s.db.strict_budget = True
     with pytest.raises(RuntimeError, match="TILER_DB_MAX_CONN"):
         with TestClient(create_app(s)):
             pass
-    s.db.replicas = 1  # 80 fits
+    s.db.replicas = 1  # 96 fits
     with TestClient(create_app(s)) as c:
         assert c.get("/livez").status_code == 200
 

@@ -204,3 +204,51 @@ def test_low_zoom_tile_through_a_signer(upstream_client, sample, archive, monkey
     r = c.get(f"/collections/{C}/items/C-signed/{_tile(sample, z=8)}", params=RGB)
     assert r.status_code == 502 and "sig=" not in r.text
     assert SIGNER["calls"].count(True) == 1
+
+
+# --------------------------------------------------------------------------- raw streaming (/stream)
+
+
+def test_stream_sends_the_header_credential_and_signs(upstream_client, sample, archive, caplog):
+    """/stream reads the archive with the same per-prefix header and signer as the tiles."""
+    caplog.set_level(logging.DEBUG)
+    c = upstream_client
+    data = sample.path(0, "ms").read_bytes()
+    SIGNER.update(current="v1", cache={}, calls=[])
+    archive.accepted = "v1"
+    archive.seen.clear()
+    for area in ("protected", "signed"):
+        r = c.get(
+            f"/stream/collections/{C}/items/C-{area}/assets/ms/file.tif", headers={"Range": "bytes=10-109"}
+        )
+        assert r.status_code == 206 and r.content == data[10:110], (area, r.text)
+        assert SECRET not in str(r.headers) and "sig=" not in str(r.headers)
+    assert ("protected", SECRET, "") in archive.seen
+    assert any(area == "signed" and q == "sig=v1" for area, _, q in archive.seen)
+    # the header is sent to its prefix only: the signed area never saw it
+    assert all(tok is None for area, tok, _ in archive.seen if area == "signed")
+    # the archive rotates its signature: one refresh, then the bytes
+    archive.accepted = SIGNER["current"] = "v2"
+    r = c.get(f"/stream/collections/{C}/items/C-signed/assets/ms/file.tif", headers={"Range": "bytes=0-99"})
+    assert r.status_code == 206 and r.content == data[:100]
+    assert SIGNER["calls"].count(True) == 1
+    # a signature the archive never accepts: one retry, then a clean 502 naming the asset
+    archive.accepted = "v9"
+    SIGNER.update(current="v3", cache={}, calls=[])
+    r = c.get(f"/stream/collections/{C}/items/C-signed/assets/ms/file.tif", headers={"Range": "bytes=0-99"})
+    assert r.status_code == 502 and "C-signed/ms" in r.json()["detail"] and "sig=" not in r.text
+    assert SIGNER["calls"].count(True) == 1
+    archive.accepted = SIGNER["current"] = "v1"
+    ours = "\n".join(  # the archive's own access log (tiler.rangeserver) is the storage's, not ours
+        caplog.handler.format(rec) for rec in caplog.records if rec.name != "tiler.rangeserver"
+    )
+    assert SECRET not in ours and "sig=v" not in ours
+
+
+def test_stream_without_the_credential_is_a_clean_502(dsn, c_items):
+    with TestClient(create_app(make_settings(dsn))) as c:
+        r = c.get(
+            f"/stream/collections/{C}/items/C-protected/assets/ms/file.tif", headers={"Range": "bytes=0-9"}
+        )
+    assert r.status_code == 502 and r.headers["content-type"] == "application/json"
+    assert "401" in r.json()["detail"] and "127.0.0.1" not in r.text

@@ -298,7 +298,8 @@ class Authenticator:
 class Target:
     """What a request touches."""
 
-    kind: str  # public | auth | collection | search | searches | register | cog | unknown
+    #: public | auth | catalogue | collection | stream | search | searches | register | cog | unknown
+    kind: str
     operation: str = "metadata"
     collection: str | None = None
     search: str | None = None
@@ -319,6 +320,8 @@ def classify(request: Request) -> Target:
         "item_id",
     }:
         return Target("catalogue")  # lists only what the caller may see (templates are router-relative)
+    if template.startswith("/stream/") and "collection_id" in params:
+        return Target("stream", "data", collection=params["collection_id"])  # raw file bytes
     op = "metadata"
     if "z" in params and "tileMatrixSetId" in params and not template.endswith("/assets"):
         op = "tiles"
@@ -435,12 +438,20 @@ def authorize(request: Request) -> None:
     tok = principal.token
     if target.kind == "public":
         return
-    if target.kind in ("auth", "catalogue"):
+    if target.kind == "auth":
         return  # these routes check for themselves
+    if (
+        tok is not None
+        and tok.item is not None
+        and (target.kind not in ("collection", "stream") or request.path_params.get("item_id") != tok.item)
+    ):
+        raise HTTPException(403, "This URL token is limited to one item")
+    if target.kind == "catalogue":
+        return  # lists only what the caller may see
     policy = auth.policy
     if tok is not None and tok.search is not None and target.search != tok.search:
         raise HTTPException(403, "This URL token is limited to one search")
-    if target.kind == "collection":
+    if target.kind in ("collection", "stream"):
         assert target.collection is not None
         _check(
             principal,

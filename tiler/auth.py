@@ -95,11 +95,22 @@ class Access:
         return Access(out)
 
     def restrict(self, max_zoom: int | None) -> Access:
-        """Narrow the tile zoom limit (a URL token's scope)."""
-        if max_zoom is None or "tiles" not in self.ops:
+        """Narrow to a URL token's ``max_zoom`` scope, as the policy does for a grant with one.
+
+        A zoom limit means nothing if full resolution can be had another way: the scoped
+        access loses ``data`` (point, bbox, feature, statistics, raw file streaming) and
+        its previews are capped at `DEFAULT_PREVIEW_SIZE` px (or the grant's own, smaller cap).
+        """
+        if max_zoom is None:
             return self
-        cur = self.ops["tiles"]
-        return Access({**self.ops, "tiles": max_zoom if cur is None else min(cur, max_zoom)})
+        ops = {op: lim for op, lim in self.ops.items() if op != "data"}
+        if "tiles" in ops:
+            cur = ops["tiles"]
+            ops["tiles"] = max_zoom if cur is None else min(cur, max_zoom)
+        if "preview" in ops:
+            cur = ops["preview"]
+            ops["preview"] = DEFAULT_PREVIEW_SIZE if cur is None else min(cur, DEFAULT_PREVIEW_SIZE)
+        return Access(ops)
 
     def allows(self, operation: str) -> bool:
         """True when ``operation`` is granted."""
@@ -277,6 +288,10 @@ class UrlToken:
     collections: tuple[str, ...] | None = None
     search: str | None = None
     max_zoom: int | None = None
+    #: one item (its id; ``collections`` then names its collection): asset links of the STAC API
+    item: str | None = None
+    #: id of the URL token this one was derived from (revoking that one revokes this one)
+    parent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -342,14 +357,18 @@ def mint_url_token(
     collections: Iterable[str] | None = None,
     search: str | None = None,
     max_zoom: int | None = None,
+    item: str | None = None,
+    parent: str | None = None,
     now: float | None = None,
+    exp: int | None = None,
 ) -> tuple[str, UrlToken]:
     """Sign a new URL token with the first key of ``keys``."""
     if not keys:
         raise AuthError("no signing key configured")
     kid, secret = next(iter(keys.items()))
     iat = int(now if now is not None else time.time())
-    payload: dict[str, Any] = {"k": kid, "u": sub, "g": sorted(set(groups)), "i": iat, "e": iat + int(ttl)}
+    expires = iat + int(ttl) if exp is None else min(int(exp), iat + int(ttl))
+    payload: dict[str, Any] = {"k": kid, "u": sub, "g": sorted(set(groups)), "i": iat, "e": expires}
     payload["j"] = _b64e(secrets.token_bytes(9))
     if collections is not None:
         payload["c"] = sorted(set(collections))
@@ -357,6 +376,10 @@ def mint_url_token(
         payload["s"] = search
     if max_zoom is not None:
         payload["z"] = int(max_zoom)
+    if item is not None:
+        payload["it"] = item
+    if parent is not None:
+        payload["p"] = parent
     body = _b64e(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode())
     head = f"{TOKEN_PREFIX}.{body}"
     token = f"{head}.{_sign(secret, head)}"
@@ -374,6 +397,8 @@ def _to_token(p: Mapping[str, Any]) -> UrlToken:
         collections=tuple(p["c"]) if "c" in p else None,
         search=p.get("s"),
         max_zoom=p.get("z"),
+        item=p.get("it"),
+        parent=p.get("p"),
     )
 
 
@@ -408,7 +433,7 @@ def verify_url_token(
         raise InvalidCredentials("Malformed URL token") from e
     if tok.exp <= (now if now is not None else time.time()):
         raise InvalidCredentials("URL token has expired")
-    if revoked(tok.jti):
+    if revoked(tok.jti) or (tok.parent is not None and revoked(tok.parent)):
         raise InvalidCredentials("URL token has been revoked")
     return tok
 

@@ -117,7 +117,7 @@ def sample_data(directory: Path, base_url: str, scenes: int, size: int) -> None:
     "readers",
     multiple=True,
     metavar="ROLE",
-    help="Grant pgstac_read to an existing ROLE (the tiler's, the STAC API's). Repeatable.",
+    help="Grant pgstac_read to an existing ROLE (the tiler's, which also serves /stac). Repeatable.",
 )
 @click.option(
     "--grant-revocations",
@@ -263,6 +263,10 @@ paste them in a browser or QGIS as they are.
   presets          {base}/collections/{coll}/presets   (natural, false-color, ndvi, panchromatic, pansharpened)
   demo API key     {api_key}
   QGIS layer URLs  curl -s -H 'X-API-Key: {api_key}' '{root}/auth/qgis?collection={coll}'
+  STAC API         {base}/stac/  (items whose COG links are signed for you; pystac_client:
+                   Client.open("{root}/stac", headers={{"X-API-Key": "{api_key}"}}))
+  a raw COG to stream (QGIS "Add Raster Layer", GDAL /vsicurl/, rasterio): the `href` of
+                   curl -s -H 'X-API-Key: {api_key}' '{root}/stac/collections/{coll}/items/{item}' | jq .assets.ms.href
   register a search mosaic:
     {search_hint}
 Ctrl-C stops the tile server, the COG server and PostgreSQL.

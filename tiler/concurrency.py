@@ -2,7 +2,8 @@
 
 A *render* is a request that reads pixels (tiles, previews, parts, features,
 statistics, points, thumbnails: `tiler.access.classify` gives them the
-``tiles``, ``preview`` or ``data`` operation). Metadata routes are never held.
+``tiles``, ``preview`` or ``data`` operation). Metadata routes are never held, nor
+raw file streams (`tiler.stream` bounds those itself).
 The limit is taken by `render_slot`, the first application-wide dependency: it
 runs on the event loop right after routing, before any threadpool work, so a
 refused request costs no thread and no database connection.
@@ -109,7 +110,8 @@ class RenderLimiter:
 async def render_slot(request: Request) -> AsyncIterator[None]:
     """Application-wide dependency: hold a render slot while a pixel-reading endpoint runs."""
     limiter: RenderLimiter | None = getattr(request.app.state, "render_limiter", None)
-    if limiter is None or classify(request).operation not in RENDER_OPERATIONS:
+    target = classify(request)
+    if limiter is None or target.operation not in RENDER_OPERATIONS or target.kind == "stream":
         yield
         return
     await limiter.acquire()

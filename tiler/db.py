@@ -118,10 +118,13 @@ def pgstac_version(pool: ConnectionPool, timeout: float = 1.0) -> str | None:
         return None
 
 
-def connection_budget(pool: ConnectionPool, settings: DatabaseSettings, timeout: float = 2.0) -> str | None:
+def connection_budget(
+    pool: ConnectionPool, settings: DatabaseSettings, timeout: float = 2.0, stac_conn: int = 0
+) -> str | None:
     """Compare the pools' worst case with the server's connection limit; a problem, or None.
 
-    Needed: ``TILER_DB_MAX_CONN`` x workers x replicas + other clients' connections.
+    Needed: (``TILER_DB_MAX_CONN`` + ``stac_conn``, the STAC API's asyncpg pool) x workers
+    x replicas + other clients' connections.
     Available: ``max_connections`` - ``superuser_reserved_connections`` (- ``reserved_connections``,
     PostgreSQL 16+). Returns None when it fits or when the server cannot be asked now.
     """
@@ -138,12 +141,14 @@ def connection_budget(pool: ConnectionPool, settings: DatabaseSettings, timeout:
         return None
     available = rows.get("max_connections", 0) - rows.get("superuser_reserved_connections", 0)
     available -= rows.get("reserved_connections", 0)
-    needed = settings.max_conn * settings.workers * settings.replicas + settings.other_connections
+    per_worker = settings.max_conn + stac_conn
+    needed = per_worker * settings.workers * settings.replicas + settings.other_connections
     logger.info(
-        "database connection budget: %d needed (TILER_DB_MAX_CONN=%d x %d workers x %d replicas + %d other), "
-        "%d available",
+        "database connection budget: %d needed ((TILER_DB_MAX_CONN=%d + TILER_STAC_MAX_CONN=%d) x %d workers "
+        "x %d replicas + %d other), %d available",
         needed,
         settings.max_conn,
+        stac_conn,
         settings.workers,
         settings.replicas,
         settings.other_connections,
@@ -152,7 +157,8 @@ def connection_budget(pool: ConnectionPool, settings: DatabaseSettings, timeout:
     if needed <= available:
         return None
     return (
-        f"the tiler's pools may open {needed} connections (TILER_DB_MAX_CONN={settings.max_conn} x "
+        f"the tiler's pools may open {needed} connections ((TILER_DB_MAX_CONN={settings.max_conn} + "
+        f"TILER_STAC_MAX_CONN={stac_conn}) x "
         f"TILER_DB_WORKERS={settings.workers} x TILER_DB_REPLICAS={settings.replicas} + "
         f"TILER_DB_OTHER_CONNECTIONS={settings.other_connections}) but the database allows {available} "
         f"(max_connections={rows.get('max_connections')} - reserved "

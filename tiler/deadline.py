@@ -108,7 +108,10 @@ class DeadlineMiddleware:
             await self.app(scope, receive, send)
             return
         budget = Budget(self.timeout)
-        state: dict[str, Any] = {"started": False, "late": False}
+        state: dict[str, Any] = {"started": False, "late": False, "open_ended": False}
+        # an endpoint whose body may rightly outlast the deadline (a raw file stream, with its
+        # own per-chunk timeout) sets "open_ended" here; the deadline then ends at the first byte
+        scope["dinamis.deadline"] = state
         inbox: asyncio.Queue[Message] = asyncio.Queue()
 
         async def listen() -> None:
@@ -143,6 +146,12 @@ class DeadlineMiddleware:
             task.cancel()
             listener.cancel()
             raise
+        if task not in done and state["started"] and state["open_ended"]:
+            try:
+                await task
+            finally:
+                listener.cancel()
+            return
         if task in done:
             listener.cancel()
             task.result()  # re-raise the application's error, as without this middleware

@@ -64,6 +64,9 @@ LIBRARY_LOGGERS = (
     "rasterio._io",
     "rasterio._base",
     "rio-tiler",
+    "httpx",  # the raw streaming client logs each storage request's URL at INFO
+    "httpcore",
+    "stac_fastapi",
 )
 
 

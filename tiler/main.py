@@ -73,6 +73,9 @@ from tiler.reader import ItemReader, MosaicBackend, MosaicItemReader
 from tiler.readiness import StorageProbe
 from tiler.routes import catalogue_router, presets_router
 from tiler.settings import Settings, TileCacheSettings
+from tiler.stac import MOUNT as STAC_MOUNT
+from tiler.stac import MountedLinks, close_stac, open_stac, stac_app
+from tiler.stream import IdentityEncoding, StreamLimiter, UpstreamClient, stream_router
 from tiler.tms import bbox_in_tms, supported_tms
 from tiler.upstream import (
     SigningReader,
@@ -179,10 +182,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
                         "/cog?url= would read protected data with the server's credentials"
                     )
 
+    stac: FastAPI | None = None  # the STAC API, built below once the app exists (its guard reads app.state)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.dbpool = open_pool(settings.db, statement_timeout=api.request_timeout)
-        problem = connection_budget(app.state.dbpool, settings.db)
+        stac_conn = settings.stac.max_conn if settings.stac.enabled else 0
+        problem = connection_budget(app.state.dbpool, settings.db, stac_conn=stac_conn)
         if problem and settings.db.strict_budget:
             app.state.dbpool.close()
             raise RuntimeError(f"refusing to start (TILER_DB_STRICT_BUDGET): {problem}")
@@ -192,9 +198,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         set_signers(credentials)
         if app.state.auth is not None:
             app.state.auth.revoked.ensure_schema()
+        if stac is not None:
+            await open_stac(stac, settings)
         try:
             yield
         finally:
+            if stac is not None:
+                await close_stac(stac)
+            await app.state.stream_upstream.aclose()
             uninstall(credentials)
             datasets.POOL.clear()
             app.state.dbpool.close()
@@ -222,6 +233,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         ],
     )
     app.state.render_limiter = RenderLimiter(api.max_renders, api.render_queue, api.queue_timeout)
+    app.state.stream_limiter = StreamLimiter(settings.stream.max_per_user, settings.stream.max_total)
+    app.state.stream_upstream = UpstreamClient(settings.stream)
 
     def renders_from_item(src: Any) -> dict:
         """WMTS layers of an item (``src``: `ItemReader`): its presets."""
@@ -230,6 +243,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
             presets_for(app.state.dbpool, collection_id=item.collection_id, item_id=item.id, item=item)
         )
 
+    stac = stac_app(settings, app) if settings.stac.enabled else None
     app.state.tile_cache = _tile_cache(settings.cache) if settings.cache.enabled else None
     app.state.auth = Authenticator(settings.auth, lambda: app.state.dbpool) if settings.auth.enabled else None
     update_openapi(app)
@@ -262,6 +276,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         CompressionMiddleware,
         exclude_mediatype={"image/jpeg", "image/jpg", "image/png", "image/jp2", "image/webp", "image/tiff"},
     )
+    app.add_middleware(IdentityEncoding)  # raw file bytes are never compressed
     app.add_middleware(
         CachePolicyMiddleware,
         public=api.cachecontrol,
@@ -407,6 +422,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: C901
         )
         app.include_router(cog.router, tags=["Cloud Optimized GeoTIFF"], prefix="/cog")
         conforms_to |= cog.conforms_to
+
+    # raw COG streaming (the STAC API's asset links) and the STAC API itself
+    app.include_router(stream_router(settings.stream))
+    if stac is not None:
+        app.mount(STAC_MOUNT, MountedLinks(stac))
 
     app.include_router(auth_router())
     if obs.metrics_enabled:

@@ -100,6 +100,19 @@ ORIGIN_REQUESTS = Counter(
     ["host", "method"],
 )
 ORIGIN_BYTES = Counter("tiler_origin_bytes_total", "Bytes GDAL downloaded from COG hosts, by host.", ["host"])
+STREAM_BYTES = Counter(
+    "tiler_stream_bytes_total",
+    "Bytes of asset files relayed to clients by /stream (raw COG streaming), by collection.",
+    ["collection"],
+)
+STREAMS_IN_FLIGHT = Gauge(
+    "tiler_streams_in_flight", "Raw file streams open (/stream).", multiprocess_mode="livesum"
+)
+STREAM_REFUSED = Counter(
+    "tiler_stream_refused_total",
+    "Streams refused with 429: the caller's (`user`) or the worker's (`total`) cap reached.",
+    ["reason"],
+)
 
 FAMILIES = (
     REQUESTS,
@@ -112,6 +125,9 @@ FAMILIES = (
     PGSTAC_QUERY,
     ORIGIN_REQUESTS,
     ORIGIN_BYTES,
+    STREAM_BYTES,
+    STREAMS_IN_FLIGHT,
+    STREAM_REFUSED,
 )
 for _result in ("hit", "hit-shared", "miss"):
     TILE_CACHE.labels(result=_result)  # exported at 0 before the first tile

@@ -48,7 +48,14 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
         if path is None:
             self.send_error(HTTPStatus.NOT_FOUND, "File not found")
             return
-        size = path.stat().st_size
+        stat = path.stat()
+        size = stat.st_size
+        etag = f'"{int(stat.st_mtime):x}-{size:x}"'  # as nginx makes them
+        if etag in [t.strip() for t in self.headers.get("If-None-Match", "").split(",")]:
+            self.send_response(HTTPStatus.NOT_MODIFIED)
+            self.send_header("ETag", etag)
+            self.end_headers()
+            return
         start, end = 0, size - 1
         status = HTTPStatus.OK
         rng = self.headers.get("Range")
@@ -76,7 +83,8 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
         )
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(length))
-        self.send_header("Last-Modified", formatdate(path.stat().st_mtime, usegmt=True))
+        self.send_header("Last-Modified", formatdate(stat.st_mtime, usegmt=True))
+        self.send_header("ETag", etag)
         if status == HTTPStatus.PARTIAL_CONTENT:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.end_headers()

@@ -138,7 +138,7 @@ class DatabaseSettings(BaseSettings):
         default=0,
         ge=0,
         validation_alias="TILER_DB_OTHER_CONNECTIONS",
-        description="Connections other clients (STAC API, ingest, admin) need on the same server.",
+        description="Connections other clients (ingest, admin, another STAC API) need on the same server.",
     )
     strict_budget: bool = Field(
         default=False,
@@ -386,6 +386,48 @@ class UpstreamSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TILER_UPSTREAM_", extra="ignore")
 
 
+class StacSettings(BaseSettings):
+    """The STAC API (stac-fastapi-pgstac) mounted under ``/stac``, behind the access policy."""
+
+    enabled: bool = Field(default=True, description="Mount the STAC API under `/stac`.")
+    asset_token_ttl: int = Field(
+        default=3600,
+        gt=0,
+        description="Lifetime (s) of the URL token in each asset link the STAC API returns (one item, one user).",
+    )
+    max_conn: int = Field(default=4, ge=1, description="asyncpg connections of the STAC API, per worker.")
+    max_items: int = Field(
+        default=500,
+        ge=1,
+        description="Items per page at most (a larger `limit` is lowered; `next` links page on).",
+    )
+
+    model_config = SettingsConfigDict(env_prefix="TILER_STAC_", extra="ignore")
+
+
+class StreamSettings(BaseSettings):
+    """Raw COG streaming (`/stream/...`, the STAC API's asset links)."""
+
+    max_per_user: int = Field(default=16, ge=1, description="Open streams of one caller, per worker.")
+    max_total: int = Field(
+        default=256, ge=1, description="Open streams of one worker (and storage connections)."
+    )
+    connect_timeout: float = Field(default=3.0, gt=0, description="Seconds to connect to the storage host.")
+    read_timeout: float = Field(
+        default=8.0,
+        gt=0,
+        description="Seconds the storage host may stay silent (first byte, then each chunk).",
+    )
+    chunk_kb: int = Field(default=64, ge=4, le=4096, description="Relay chunk size, KiB.")
+
+    model_config = SettingsConfigDict(env_prefix="TILER_STREAM_", extra="ignore")
+
+    @property
+    def chunk_bytes(self) -> int:
+        """The chunk size in bytes."""
+        return self.chunk_kb * 1024
+
+
 class TileCacheSettings(BaseSettings):
     """The cache of rendered tiles: one in-process LRU per worker, then an optional shared Redis.
 
@@ -557,6 +599,8 @@ class Settings(BaseSettings):
     cache: TileCacheSettings = Field(default_factory=TileCacheSettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    stac: StacSettings = Field(default_factory=StacSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
 
     model_config = SettingsConfigDict(extra="ignore")
 

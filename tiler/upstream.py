@@ -198,11 +198,25 @@ def uninstall(credentials: list[Credential]) -> None:
 # --------------------------------------------------------------------------- signing readers
 
 _signers: list[tuple[str, Signer]] = []
+_headers: list[tuple[str, Mapping[str, str]]] = []
 
 
 def set_signers(credentials: list[Credential]) -> None:
-    """Signers by prefix, longest prefix first (process-wide, set at app start)."""
+    """Signers and headers by prefix, longest prefix first (process-wide, set at app start).
+
+    GDAL gets the headers as path-specific options (`install`); the headers are also kept
+    here for the raw streaming proxy (`tiler.stream`), which reads with its own HTTP client.
+    """
     _signers[:] = sorted(((c.prefix, c.signer) for c in credentials if c.signer), key=lambda t: -len(t[0]))
+    _headers[:] = sorted(((c.prefix, c.headers) for c in credentials if c.headers), key=lambda t: -len(t[0]))
+
+
+def headers_for(href: str) -> dict[str, str]:
+    """The credential headers of the longest prefix ``href`` starts with (empty when none)."""
+    for prefix, headers in _headers:
+        if href.startswith(prefix):
+            return dict(headers)
+    return {}
 
 
 def signer_for(href: str) -> Signer | None:
