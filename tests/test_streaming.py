@@ -120,6 +120,18 @@ def test_pystac_client_gets_signed_hrefs_and_only_its_collections(server, sample
         rels = {link.rel: link for link in item.links}
         assert {"xyz", "wmts", "tilejson"} <= rels.keys()
         assert rels["xyz"].href.startswith(f"{server}/t/dt1.") and "preset=" in rels["xyz"].href
+    # the web-map links work as they are: TileJSON, a tile of it, and the WMTS layer they name
+    links = {link.rel: link for link in items[0].links}
+    tj = httpx.get(links["tilejson"].href, timeout=30).json()
+    z = tj["maxzoom"] - 2
+    lon, lat = (tj["bounds"][0] + tj["bounds"][2]) / 2, (tj["bounds"][1] + tj["bounds"][3]) / 2
+    from tests.helpers import mercator_tile
+
+    x, y = mercator_tile(lon, lat, z)
+    tile = httpx.get(tj["tiles"][0].format(z=z, x=x, y=y), timeout=30)
+    assert tile.status_code == 200 and tile.headers["content-type"] == "image/png"
+    caps = httpx.get(links["wmts"].href, timeout=30).text
+    assert f"<ows:Identifier>{links['wmts'].extra_fields['wmts:layer']}</ows:Identifier>" in caps
     # the stored hrefs (the COG host) appear nowhere in the answers
     raw = httpx.post(f"{server}/stac/search", json={"collections": [A]}, headers=key(ALICE)).text
     assert cog_server.url not in raw and "/b/B_" not in raw
@@ -603,3 +615,20 @@ def test_stac_api_database_outage_is_503_then_recovers(own_cluster):
             assert r.status_code == 503, r.text
             time.sleep(0.2)
         assert r.status_code == 200 and len(r.json()["features"]) == 3
+
+
+def test_stac_routes_are_labelled_under_their_mount(dsn, caplog):
+    """Metrics and access log name /stac routes with their mount, token-free, not as the tiler's own."""
+    import logging
+
+    from fastapi.testclient import TestClient
+
+    caplog.set_level(logging.INFO, logger="tiler.http")
+    with TestClient(create_app(make_settings(dsn))) as c:
+        assert c.get("/stac/collections/spot67-demo").status_code == 200
+        r = c.get(f"/stream/collections/{A}/items/nope/assets/ms/x.tif")
+        assert r.status_code == 404, r.text
+    lines = [r.getMessage() for r in caplog.records if r.name == "tiler.http"]
+    assert any(m.startswith("GET /stac/collections/{collection_id} 200") for m in lines), lines
+    stream = "/stream/collections/{collection_id}/items/{item_id}/assets/{asset_id}/{filename}"
+    assert any(m.startswith(f"GET {stream} 404") for m in lines), lines

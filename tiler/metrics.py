@@ -342,7 +342,13 @@ def route_template(scope: Scope) -> str:
     """
     ctx = (scope.get("fastapi") or {}).get("effective_route_context")
     path = getattr(ctx, "path_format", None) or getattr(scope.get("route"), "path", None)
-    return path or UNMATCHED
+    if not path:
+        return UNMATCHED
+    # a mounted application (the STAC API at /stac): its routes are relative to the mount
+    root, app_root = scope.get("root_path", ""), scope.get("app_root_path")
+    if app_root is not None and root.startswith(app_root) and len(root) > len(app_root):
+        path = root[len(app_root) :] + path
+    return path
 
 
 def _principal_id(scope: Scope) -> str | None:

@@ -314,7 +314,8 @@ class IdentityEncoding:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Strip the header on matching paths."""
         if scope["type"] == "http" and self.prefix in scope.get("path", ""):
-            scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"accept-encoding"])
+            # in place: the outer middleware (metrics, access log) reads the route FastAPI sets in it
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
         await self.app(scope, receive, send)
 
 
