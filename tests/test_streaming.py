@@ -267,6 +267,16 @@ def test_gdalinfo_and_gdal_translate_cut_an_aoi(server, sample, tmp_path):
     opened = _streamed(server) - before
     assert 0 < opened < size / 4, (opened, size)  # the header, not the file
     info = json.loads(out.stdout)
+    assert info["files"] == [f"/vsicurl/{href}"]  # no sibling .ovr/.aux.xml/.msk "found"
+    # GDAL's defaults (sibling files probed by name, any extension): still one file
+    plain = {k: v for k, v in os.environ.items() if not k.startswith(("CPL_VSIL", "GDAL_DISABLE"))}
+    out2 = subprocess.run(
+        ["gdalinfo", "-json", f"/vsicurl/{href}"], capture_output=True, text=True, env=plain
+    )
+    assert out2.returncode == 0 and "recursion" not in out2.stderr, out2.stderr[-500:]
+    assert json.loads(out2.stdout)["files"] == [f"/vsicurl/{href}"]
+    r = httpx.get(href + ".ovr", headers={"Range": "bytes=0-15"})
+    assert r.status_code == 404 and "_pan.tif" in r.json()["detail"]
     with rasterio.open(sample.path(2, "pan")) as src:
         assert info["size"] == [src.width, src.height]
         b = src.bounds
@@ -412,14 +422,14 @@ def test_tampered_expired_and_revoked_tokens_get_401_and_no_byte(server, sample)
 
 
 def test_rights_are_checked_on_every_stream(server, sample, b_item):  # noqa: F811
-    path = f"/stream/collections/{A}/items/{sample.item(0)['id']}/assets/ms/file.tif"
+    path = f"/stream/collections/{A}/items/{sample.item(0)['id']}/assets/ms/{sample.item(0)['id']}_ms.tif"
     assert httpx.get(server + path, headers={**key(ALICE), "Range": "bytes=0-15"}).status_code == 206
     assert httpx.get(server + path, headers={**key(CAROL), "Range": "bytes=0-15"}).status_code == 403
     # vic may see and tile A but not read its raw data: the STAC API still hides the stored href
     r = httpx.get(f"{server}/stac/collections/{A}/items/{sample.item(0)['id']}", headers=key(VIC))
     assert r.status_code == 200 and "/stream/" in r.json()["assets"]["ms"]["href"]
     assert httpx.get(r.json()["assets"]["ms"]["href"], headers={"Range": "bytes=0-15"}).status_code == 403
-    bpath = f"/stream/collections/{B}/items/{b_item['id']}/assets/ms/file.tif"
+    bpath = f"/stream/collections/{B}/items/{b_item['id']}/assets/ms/{b_item['id']}_ms.tif"
     assert httpx.get(server + bpath, headers={**key(ALICE), "Range": "bytes=0-15"}).status_code == 403
     assert httpx.get(server + bpath, headers={**key(CAROL), "Range": "bytes=0-15"}).status_code == 206
     assert httpx.get(server + path.replace("/ms/", "/nope/"), headers=key(ALICE)).status_code == 404
@@ -435,7 +445,7 @@ def test_max_zoom_token_grants_no_data_and_small_previews(server, sample):
     lat = sum(item["bbox"][1::2]) / 2
     b = item["bbox"]
     refused = [
-        f"{minted['url_prefix']}/stream/collections/{A}/items/{item['id']}/assets/ms/file.tif",
+        f"{minted['url_prefix']}/stream/collections/{A}/items/{item['id']}/assets/ms/{item['id']}_ms.tif",
         f"{base}/point/{lon},{lat}?assets=ms",
         f"{base}/bbox/{b[0]},{b[1]},{b[2]},{b[3]}.tif?assets=ms",
         f"{base}/statistics?assets=ms",
@@ -475,7 +485,7 @@ def big_item(dsn, sample, cog_server, tmp_path_factory):
 def test_streams_per_user_are_capped_and_counted(dsn, auth_dir, sample, b_item, big_item):  # noqa: F811
     app = create_app(_settings(dsn, auth_dir, max_per_user=1))
     with serve_app(app) as (base, _):
-        href = f"{base}/stream/collections/faulty-big/items/{big_item}/assets/pan/file.tif"
+        href = f"{base}/stream/collections/faulty-big/items/{big_item}/assets/pan/{big_item}_pan.bin"
         before = app.state.stream_limiter.open_streams()
         with httpx.Client(timeout=30) as c, c.stream("GET", href, headers=key(ALICE)) as held:
             assert held.status_code == 200
@@ -513,11 +523,11 @@ def test_storage_faults_are_clean_and_name_no_url(server, sample, cog_server, ds
     load(dsn, copy_items(sample, tmp_path, "faulty-files", break_hrefs), progress=False, stats=False)
     item = sample.item(0)["id"]
     r = httpx.get(
-        f"{server}/stream/collections/faulty-files/items/{item}/assets/ms/file.tif", headers=key(ALICE)
+        f"{server}/stream/collections/faulty-files/items/{item}/assets/ms/{item}_ms.tif", headers=key(ALICE)
     )
     assert r.status_code == 404 and f"{item}/ms" in r.json()["detail"], r.text
     r = httpx.get(
-        f"{server}/stream/collections/faulty-files/items/{item}/assets/pan/file.tif", headers=key(ALICE)
+        f"{server}/stream/collections/faulty-files/items/{item}/assets/pan/{item}_pan.tif", headers=key(ALICE)
     )
     assert r.status_code == 502 and f"{item}/pan" in r.json()["detail"], r.text
     for text in (r.text, str(r.headers)):
@@ -534,7 +544,7 @@ def test_stream_outlives_the_request_deadline(dsn, auth_dir, sample, b_item):  #
     s.gdal.gdal_http_max_retry = 0
     app = create_app(s)
     with serve_app(app) as (base, _):
-        href = f"{base}/stream/collections/{A}/items/{sample.item(0)['id']}/assets/pan/file.tif"
+        href = f"{base}/stream/collections/{A}/items/{sample.item(0)['id']}/assets/pan/{sample.item(0)['id']}_pan.tif"
         data = sample.path(0, "pan").read_bytes()
         got = bytearray()
         with httpx.stream("GET", href, headers=key(ALICE), timeout=30) as r:

@@ -219,7 +219,8 @@ def test_stream_sends_the_header_credential_and_signs(upstream_client, sample, a
     archive.seen.clear()
     for area in ("protected", "signed"):
         r = c.get(
-            f"/stream/collections/{C}/items/C-{area}/assets/ms/file.tif", headers={"Range": "bytes=10-109"}
+            f"/stream/collections/{C}/items/C-{area}/assets/ms/C-{area}_ms.tif",
+            headers={"Range": "bytes=10-109"},
         )
         assert r.status_code == 206 and r.content == data[10:110], (area, r.text)
         assert SECRET not in str(r.headers) and "sig=" not in str(r.headers)
@@ -229,13 +230,17 @@ def test_stream_sends_the_header_credential_and_signs(upstream_client, sample, a
     assert all(tok is None for area, tok, _ in archive.seen if area == "signed")
     # the archive rotates its signature: one refresh, then the bytes
     archive.accepted = SIGNER["current"] = "v2"
-    r = c.get(f"/stream/collections/{C}/items/C-signed/assets/ms/file.tif", headers={"Range": "bytes=0-99"})
+    r = c.get(
+        f"/stream/collections/{C}/items/C-signed/assets/ms/C-signed_ms.tif", headers={"Range": "bytes=0-99"}
+    )
     assert r.status_code == 206 and r.content == data[:100]
     assert SIGNER["calls"].count(True) == 1
     # a signature the archive never accepts: one retry, then a clean 502 naming the asset
     archive.accepted = "v9"
     SIGNER.update(current="v3", cache={}, calls=[])
-    r = c.get(f"/stream/collections/{C}/items/C-signed/assets/ms/file.tif", headers={"Range": "bytes=0-99"})
+    r = c.get(
+        f"/stream/collections/{C}/items/C-signed/assets/ms/C-signed_ms.tif", headers={"Range": "bytes=0-99"}
+    )
     assert r.status_code == 502 and "C-signed/ms" in r.json()["detail"] and "sig=" not in r.text
     assert SIGNER["calls"].count(True) == 1
     archive.accepted = SIGNER["current"] = "v1"
@@ -248,7 +253,8 @@ def test_stream_sends_the_header_credential_and_signs(upstream_client, sample, a
 def test_stream_without_the_credential_is_a_clean_502(dsn, c_items):
     with TestClient(create_app(make_settings(dsn))) as c:
         r = c.get(
-            f"/stream/collections/{C}/items/C-protected/assets/ms/file.tif", headers={"Range": "bytes=0-9"}
+            f"/stream/collections/{C}/items/C-protected/assets/ms/C-protected_ms.tif",
+            headers={"Range": "bytes=0-9"},
         )
     assert r.status_code == 502 and r.headers["content-type"] == "application/json"
     assert "401" in r.json()["detail"] and "127.0.0.1" not in r.text

@@ -59,9 +59,10 @@ from tiler.upstream import headers_for, signer_for
 
 logger = logging.getLogger(__name__)
 
-#: The last segment is a file name for the clients' sake (GDAL configurations that allow only
-#: ``.tif`` URLs, a saved download's name); the server ignores it. There is deliberately no
-#: route without it: GDAL lists the "directory" of a file it opens, and ``.../assets/{a}/``
+#: The last segment is the file's name, ``<item>_<asset><extension>`` (`stream_filename`): GDAL
+#: set-ups that allow only ``.tif`` URLs need an extension, and GDAL probes sibling files by
+#: name (``.ovr``, ``.aux.xml``, ``.msk``), so any other name is a 404. There is deliberately
+#: no route without it: GDAL lists the "directory" of a file it opens, and ``.../assets/{a}/``
 #: must be a 404, not a redirect to the whole file.
 STREAM_PATH = "/stream/collections/{collection_id}/items/{item_id}/assets/{asset_id}/{filename}"
 _MEDIA_EXTENSIONS = {
@@ -202,8 +203,8 @@ class UpstreamClient:
             await self._client.aclose()
             self._client = None
 
-    def href(self, pool: Any, collection_id: str, item_id: str, asset_id: str) -> str:
-        """The stored href of an asset (pgstac, cached a minute); 404 for an unknown item or asset."""
+    def href(self, pool: Any, collection_id: str, item_id: str, asset_id: str) -> tuple[str, str | None]:
+        """The stored href and media type of an asset (pgstac, cached a minute); 404 when unknown."""
         key = (collection_id, item_id, asset_id)
         with self._hrefs_lock:
             found = self._hrefs.get(key)
@@ -215,10 +216,10 @@ class UpstreamClient:
             raise AssetNotFound(
                 f"Item '{item_id}' has no asset '{asset_id}' (has: {', '.join(sorted(item.assets))})"
             )
-        href = asset.get_absolute_href() or asset.href
+        found = (asset.get_absolute_href() or asset.href, asset.media_type)
         with self._hrefs_lock:
-            self._hrefs[key] = href
-        return href
+            self._hrefs[key] = found
+        return found
 
     async def _sign(self, href: str, refresh: bool) -> str:
         signer = signer_for(href)
@@ -364,9 +365,14 @@ def stream_router(settings: StreamSettings) -> APIRouter:
             return JSONResponse({"detail": str(e)}, status_code=416, headers={"Accept-Ranges": "bytes"})
         upstream_client: UpstreamClient = request.app.state.stream_upstream
         limiter: StreamLimiter = request.app.state.stream_limiter
-        href = await run_in_threadpool(
+        href, media_type = await run_in_threadpool(
             upstream_client.href, request.app.state.dbpool, collection_id, item_id, asset_id
         )
+        expected = stream_filename(item_id, asset_id, href, media_type)
+        if filename != expected:
+            # one file per asset: GDAL probes siblings (`.ovr`, `.aux.xml`, `.msk`) by name, and
+            # must not find the same TIFF under each of them
+            raise HTTPException(404, f"Asset {item_id}/{asset_id} has one file, named {expected!r}")
         who = _who(request)
         refused = limiter.acquire(who)
         if refused is not None:
