@@ -25,6 +25,14 @@ The low-zoom tile (the finest tile holding the whole collection) and the origin 
 measured last on fresh single-worker servers: the low-zoom tile with a client timeout
 (``--lowzoom-timeout``), then the CPU the server still spends once the client has gone.
 
+Raw COG streaming (``stream``, ``--only stream`` alone in about a minute, no stock server): a
+~50 MiB COG (``.bench/cogs/BENCH_STREAM_50MiB.tif``, 4-band uint16 noise, 512 px blocks,
+deflate, overviews; made once) in collection ``bench-stream`` (href on nginx port 18085), read
+by ``--stream-readers`` (8) keep-alive readers with random aligned 256 KiB-1 MiB ranges, then
+whole-file passes in 1 MiB ranges, through our ``/stream/...`` route and from nginx directly
+(port 18086; stock titiler-pgstac has no such route), alternated, on a fresh server of ours;
+bytes compared with the file first, our workers' RSS sampled throughout (`Bench.stream_case`).
+
 Cases run in alternation (ours, stock, then stock, ours, ...) for ``--rounds`` rounds; each
 round uses tiles not requested before in the run (the same tiles for both servers), and the
 ratio ours/stock is taken per round, then the median. Prints a table and writes
@@ -58,11 +66,27 @@ sys.path.insert(0, str(ROOT))
 BENCH = ROOT / ".bench"
 STOCK_VENV = BENCH / "stock-venv"
 PG_PORT = 55433
-NGINX_PORTS = {"ours": 18081, "stock": 18082, "scale-small": 18083, "scale-big": 18084}
+#: ``stream`` is the origin our server's /stream route reads; ``stream-direct`` the one the
+#: benchmark client reads directly (same file, separate access logs)
+NGINX_PORTS = {
+    "ours": 18081,
+    "stock": 18082,
+    "scale-small": 18083,
+    "scale-big": 18084,
+    "stream": 18085,
+    "stream-direct": 18086,
+}
+#: nginx as a reverse proxy of the ``stream-direct`` port (``--stream-nginx-proxy``): what a proxy
+#: written in C reaches on the same cores, the ceiling for any proxy
+NGINX_PROXY_PORT = 18087
 SERVER_PORTS = {"ours": 18000, "stock": 18001}
 COLLECTIONS = {"ours": "bench-ours", "stock": "bench-stock"}
 REDIS_PORT = 18090
 SCALE = ("scale-small", "scale-big")  # scale-big is named scale-<count> in pgstac
+#: every case, in the order they run (``--skip`` / ``--only``)
+CASES = ("items", "mosaic", "preview", "zipf", "scale", "origin", "lowzoom", "workers", "stream")
+#: the cases run on the shared pair of servers started once (the others start their own)
+SHARED_CASES = {"items", "mosaic", "preview", "zipf", "scale"}
 
 
 def scale_ids(n: int) -> tuple[str, str]:
@@ -189,8 +213,13 @@ def memory(pid: int) -> dict:
     return out
 
 
-def start_nginx(cogs: Path) -> Proc:
-    """One nginx, one server block per reader, each with its own access log."""
+def start_nginx(cogs: Path, proxy: bool = False) -> Proc:
+    """One nginx, one server block per reader, each with its own access log.
+
+    ``proxy``: also a reverse proxy of the ``stream-direct`` port on `NGINX_PROXY_PORT`
+    (keep-alive upstream connections, 256 KiB buffers, nothing written to disk), and 2 nginx
+    workers instead of 1 so that the proxy and the origin do not share one.
+    """
     d = BENCH / "nginx"
     (d / "tmp").mkdir(parents=True, exist_ok=True)
     servers = "\n".join(
@@ -202,8 +231,25 @@ def start_nginx(cogs: Path) -> Proc:
   }}"""
         for name, port in NGINX_PORTS.items()
     )
+    if proxy:
+        servers += f"""
+  upstream stream_origin {{ server 127.0.0.1:{NGINX_PORTS["stream-direct"]}; keepalive 32; }}
+  server {{
+    listen 127.0.0.1:{NGINX_PROXY_PORT};
+    access_log off;
+    location / {{
+      proxy_pass http://stream_origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering on;
+      proxy_buffer_size 256k;
+      proxy_buffers 8 256k;
+      proxy_busy_buffers_size 512k;
+      proxy_max_temp_file_size 0;
+    }}
+  }}"""
     user = "user root;\n" if os.geteuid() == 0 else ""
-    conf = f"""{user}worker_processes 1;
+    conf = f"""{user}worker_processes {2 if proxy else 1};
 daemon off;
 pid {d / "nginx.pid"};
 error_log {d / "error.log"} warn;
@@ -226,11 +272,11 @@ http {{
     (d / "nginx.conf").write_text(conf)
     for name in NGINX_PORTS:
         (d / f"{name}.log").write_text("")
-    for port in NGINX_PORTS.values():
+    for port in [*NGINX_PORTS.values(), *([NGINX_PROXY_PORT] if proxy else [])]:
         ensure_free(port)
     exe = shutil.which("nginx") or "/usr/sbin/nginx"  # /usr/sbin is not on every user's PATH
     p = Proc("nginx", [exe, "-e", str(d / "error.log"), "-c", str(d / "nginx.conf"), "-p", str(d)])
-    some = next(iter(sorted(cogs.glob("*_QL.tif")))).name
+    some = next(iter(sorted(cogs.glob("*.tif")))).name
     for port in NGINX_PORTS.values():
         wait_http(port, "/" + some, 20)
     return p
@@ -280,14 +326,16 @@ class OriginLog:
 # ---------------------------------------------------------------- data
 
 
-def prepare_data(scale_items: int) -> tuple[object, list[dict]]:
-    """Cluster, COGs, collections; returns (cluster, items as generated)."""
+def prepare_data(scale_items: int, scenes: bool = True) -> tuple[object, tuple[dict, list[dict]]]:
+    """Cluster and the scenes' COGs (unless ``scenes`` is false); returns (cluster, (collection, items))."""
     from tiler.embedded import LocalCluster
     from tiler.sample import generate
 
     cluster = LocalCluster(BENCH / "postgres", PG_PORT)
     cluster.start()
     log(f"pgstac {cluster.migrate()} on 127.0.0.1:{PG_PORT}")
+    if not scenes:
+        return cluster, ({}, [])
     cogs = BENCH / "cogs"
     t = time.monotonic()
     base = "http://127.0.0.1:PORT"
@@ -386,6 +434,140 @@ def add_synthetic(dsn: str, cid: str, n: int) -> None:
         ).fetchone()[0]
         conn.execute("SELECT update_partition_stats(%s, false, true)", (part.split(".")[-1],))
         conn.execute(f"ANALYZE {part}")
+
+
+# ---------------------------------------------------------------- raw streaming data
+
+STREAM_FILE = "BENCH_STREAM_50MiB.tif"
+STREAM_COLLECTION = "bench-stream"
+STREAM_ITEM = "BENCH_STREAM_50MiB"
+STREAM_ASSET = "data"
+#: 4 bands uint16, 2368 px square: ~50 MiB with deflate (12 bits of noise per pixel barely compress)
+STREAM_SIZE_PX = 2368
+STREAM_VERSION = "1"  # kept in a stamp beside the file: a file made by another version is made again
+
+
+def make_stream_cog(cogs: Path) -> dict:
+    """The ~50 MiB COG of the streaming case in ``cogs`` (made once, kept): path, size, layout.
+
+    4 bands uint16 (a smooth pattern plus 12 bits of noise, so deflate saves little), 512 px
+    blocks, deflate, overviews: what GDAL reads through ``/vsicurl/`` in a real session.
+    """
+    import numpy as np
+    import rasterio
+    from affine import Affine
+
+    from tiler.sample import CRS_EPSG, header_size, write_cog
+
+    path = cogs / STREAM_FILE
+    stamp = path.with_suffix(".stamp")
+    want = f"{STREAM_VERSION} {STREAM_SIZE_PX}"
+    ok = path.exists() and stamp.exists() and stamp.read_text().split("\n")[0] == want
+    if ok:
+        ok = stamp.read_text().split("\n")[1] == str(path.stat().st_size)
+    if not ok:
+        t = time.monotonic()
+        cogs.mkdir(parents=True, exist_ok=True)
+        n = STREAM_SIZE_PX
+        rng = np.random.default_rng(50)
+        yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+        base = (800 + 400 * np.sin(xx / 97.0) * np.cos(yy / 131.0)).astype(np.uint16)
+        del yy, xx
+        data = np.stack([base + rng.integers(1, 4096, size=(n, n), dtype=np.uint16) for _ in range(4)])
+        tmp = path.with_suffix(".tmp.tif")
+        write_cog(tmp, data, Affine(6.0, 0, 560_000.0, 0, -6.0, 4_850_000.0), ["B0", "B1", "B2", "B3"])
+        tmp.replace(path)
+        stamp.write_text(f"{want}\n{path.stat().st_size}\n")
+        log(f"streaming COG {path.name} written ({time.monotonic() - t:.0f} s)")
+    with rasterio.open(path) as src:
+        bounds, crs, shape = src.bounds, src.crs, (src.count, src.height, src.width)
+        overviews = src.overviews(1)
+        blocks = src.block_shapes[0]
+        compress = src.compression.value if src.compression else None
+    assert crs.to_epsg() == CRS_EPSG
+    return {
+        "path": path,
+        "size": path.stat().st_size,
+        "header_size": header_size(path),
+        "bounds": list(bounds),
+        "shape": shape,
+        "blocks": blocks,
+        "overviews": overviews,
+        "compress": compress,
+    }
+
+
+def stream_docs(info: dict, port: int) -> tuple[dict, dict]:
+    """STAC collection and item of the streaming COG, its href on nginx ``port``."""
+    from rasterio.warp import transform_bounds
+
+    from tiler.sample import CRS_EPSG
+
+    bbox = list(transform_bounds(f"EPSG:{CRS_EPSG}", "EPSG:4326", *info["bounds"]))
+    w, s, e, n = bbox
+    item = {
+        "type": "Feature",
+        "stac_version": "1.0.0",
+        "stac_extensions": ["https://stac-extensions.github.io/file/v2.1.0/schema.json"],
+        "id": STREAM_ITEM,
+        "collection": STREAM_COLLECTION,
+        "geometry": {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]},
+        "bbox": bbox,
+        "properties": {"datetime": "2024-06-01T10:30:00Z"},
+        "links": [],
+        "assets": {
+            STREAM_ASSET: {
+                "href": f"http://127.0.0.1:{port}/{STREAM_FILE}",
+                "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+                "roles": ["data"],
+                "file:size": info["size"],
+                "file:header_size": info["header_size"],
+            }
+        },
+    }
+    coll = {
+        "type": "Collection",
+        "stac_version": "1.0.0",
+        "id": STREAM_COLLECTION,
+        "description": "One ~50 MiB COG for the raw streaming benchmark.",
+        "license": "proprietary",
+        "extent": {"spatial": {"bbox": [bbox]}, "temporal": {"interval": [["2024-06-01T10:30:00Z", None]]}},
+        "links": [],
+    }
+    return coll, item
+
+
+def load_stream_collection(dsn: str, info: dict) -> None:
+    """Collection ``bench-stream`` with the one item, href on nginx's ``stream`` port (upserted each run)."""
+    from tiler.ingest import load
+
+    coll, item = stream_docs(info, NGINX_PORTS["stream"])
+    stac = BENCH / "stac"
+    stac.mkdir(parents=True, exist_ok=True)
+    (stac / f"{STREAM_COLLECTION}.json").write_text(json.dumps(coll))
+    (stac / f"{STREAM_COLLECTION}.ndjson").write_text(json.dumps(item) + "\n")
+    load(
+        dsn,
+        [stac / f"{STREAM_COLLECTION}.json", stac / f"{STREAM_COLLECTION}.ndjson"],
+        progress=False,
+        stats=False,
+    )
+
+
+def stream_route_path() -> str:
+    """Our ``/stream/...`` path of the streaming item's asset, from the route's own template.
+
+    The template may end in a ``{filename}`` (ignored by the server); it gets the name the STAC
+    API's links would carry.
+    """
+    from tiler import stream
+
+    href = f"http://127.0.0.1:{NGINX_PORTS['stream']}/{STREAM_FILE}"
+    namer = getattr(stream, "stream_filename", None)
+    filename = namer(STREAM_ITEM, STREAM_ASSET, href, "image/tiff") if namer else STREAM_FILE
+    return stream.STREAM_PATH.format(
+        collection_id=STREAM_COLLECTION, item_id=STREAM_ITEM, asset_id=STREAM_ASSET, filename=filename
+    )
 
 
 # ---------------------------------------------------------------- tiles
@@ -566,6 +748,232 @@ def run_wrk(port: int, paths_file: Path, connections: int, seconds: float) -> di
     }
 
 
+# ---------------------------------------------------------------- raw streaming load
+
+KIB = 1024
+MIB = 1024 * KIB
+#: GDAL's /vsicurl/ reads in 16 KiB-aligned chunks, merged into requests of a few hundred KiB
+RANGE_ALIGN = 16 * KIB
+RANGE_MIN, RANGE_MAX, RANGE_STEP = 256 * KIB, 1 * MIB, 64 * KIB
+WHOLE_CHUNK = 1 * MIB
+
+
+class RangeError(Exception):
+    """A range answer that is not the one asked for."""
+
+
+class RangeReader:
+    """One keep-alive connection reading single ranges into a preallocated buffer.
+
+    ``readinto`` lets the socket write straight into the buffer (no bytes object per answer,
+    the GIL released while it waits): the client costs as little CPU as Python allows, since it
+    shares the machine's cores with nginx and the server it measures.
+    """
+
+    def __init__(self, port: int, size: int):
+        self.port, self.size = port, size
+        self.conn: http.client.HTTPConnection | None = None
+        self.buf = memoryview(bytearray(max(RANGE_MAX, WHOLE_CHUNK)))
+
+    def get(self, path: str, start: int, end: int) -> int:
+        """GET ``bytes=start-end``; the bytes received (checked: 206, Content-Range, length)."""
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        want = end - start + 1
+        try:
+            self.conn.request("GET", path, headers={"Range": f"bytes={start}-{end}"})
+            r = self.conn.getresponse()
+            if r.status != 206 or r.getheader("Content-Range") != f"bytes {start}-{end}/{self.size}":
+                r.read()
+                raise RangeError(f"HTTP {r.status}, Content-Range {r.getheader('Content-Range')}")
+            got = 0
+            while got < want:
+                n = r.readinto(self.buf[got:want])
+                if not n:
+                    break
+                got += n
+            if got != want or r.read(1):
+                raise RangeError(f"{got} bytes for a {want}-byte range")
+            return got
+        except (OSError, http.client.HTTPException, RangeError):
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Drop the connection."""
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def random_range(rng: random.Random, size: int) -> tuple[int, int]:
+    """An aligned range of 256 KiB to 1 MiB (64 KiB steps), cut at the end of the file."""
+    start = rng.randrange(0, size // RANGE_ALIGN) * RANGE_ALIGN
+    length = rng.randrange(RANGE_MIN, RANGE_MAX + 1, RANGE_STEP)
+    return start, min(start + length, size) - 1
+
+
+def run_ranges(
+    port: int, path: str, size: int, readers: int, *, whole: bool = False, seconds: float = 0, seed: int = 0
+) -> dict:
+    """``readers`` keep-alive clients reading ranges of one file for ``seconds``; MB/s and latencies.
+
+    Random ranges (`random_range`, each reader its own seeded sequence, so every server is
+    asked the same ranges in the same order) until the time is up; or, ``whole``, the whole
+    file in 1 MiB ranges taken in order from a shared queue, pass after pass until the time
+    is up (at least one pass; the pass under way is finished).
+    """
+    one_pass = [(a, min(a + WHOLE_CHUNK, size) - 1) for a in range(0, size, WHOLE_CHUNK)]
+    queue: deque | None = deque(one_pass) if whole else None
+    passes = [1]
+    lock = threading.Lock()
+    barrier = threading.Barrier(readers + 1)
+    out: list[tuple[float, int]] = []  # (seconds, bytes) of every answer
+    errors: list[str] = []
+    deadline = [0.0]
+
+    def reader(k: int) -> None:
+        rd = RangeReader(port, size)
+        rng = random.Random(seed * 1000 + k)
+        mine: list[tuple[float, int]] = []
+        barrier.wait()
+        while True:
+            if queue is None:
+                if time.perf_counter() >= deadline[0]:
+                    break
+                a, b = random_range(rng, size)
+            else:
+                with lock:
+                    if not queue:
+                        if time.perf_counter() >= deadline[0]:
+                            break
+                        queue.extend(one_pass)
+                        passes[0] += 1
+                    a, b = queue.popleft()
+            t = time.perf_counter()
+            try:
+                n = rd.get(path, a, b)
+            except (OSError, http.client.HTTPException, RangeError) as e:
+                errors.append(f"bytes={a}-{b}: {type(e).__name__}: {e}")
+                continue
+            mine.append((time.perf_counter() - t, n))
+        rd.close()
+        with lock:
+            out.extend(mine)
+
+    threads = [threading.Thread(target=reader, args=(k,), daemon=True) for k in range(readers)]
+    for th in threads:
+        th.start()
+    cpu0 = os.times()
+    t0 = time.perf_counter()
+    deadline[0] = t0 + seconds
+    barrier.wait()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    cpu1 = os.times()
+    total = sum(n for _, n in out)
+    lat = sorted(s for s, _ in out)
+    return {
+        "requests": len(out),
+        "bytes": total,
+        "passes": passes[0] if whole else None,
+        "errors": len(errors),
+        "first_errors": errors[:5],
+        "wall_s": wall,
+        "MBps": total / wall / 1e6 if wall else 0.0,
+        "p50_ms": 1000 * pct(lat, 50),
+        "p95_ms": 1000 * pct(lat, 95),
+        "client_cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
+    }
+
+
+def check_ranges(port: int, path: str, local: Path) -> list[dict]:
+    """A sample of ranges (and the whole file once) through ``port``, compared with the file on disk."""
+    import hashlib
+
+    data = local.read_bytes()
+    size = len(data)
+    rng = random.Random(4242)
+    asks: list[str | None] = ["bytes=0-16383", f"bytes={size - 300_000}-{size - 1}", f"bytes={size - 5000}-"]
+    asks += ["bytes=-4096"]
+    for _ in range(12):
+        a, b = random_range(rng, size)
+        asks.append(f"bytes={a}-{b}")
+    asks.append(None)  # no Range: 200, the whole file
+    out = []
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for ask in asks:
+        conn.request("GET", path, headers={"Range": ask} if ask else {})
+        r = conn.getresponse()
+        body = r.read()
+        if ask is None:
+            want, expect_status = data, 200
+        else:
+            a, _, b = ask.removeprefix("bytes=").partition("-")
+            if not a:
+                start, end = size - int(b), size - 1
+            else:
+                start, end = int(a), int(b) if b else size - 1
+            want, expect_status = data[start : end + 1], 206
+        ok = r.status == expect_status and body == want
+        if ask is not None:
+            ok = ok and r.getheader("Content-Range") == f"bytes {start}-{end}/{size}"
+        out.append(
+            {
+                "range": ask or "(none)",
+                "status": r.status,
+                "bytes": len(body),
+                "equal": body == want,
+                "ok": ok,
+                "sha256": hashlib.sha256(body).hexdigest()[:16] if ask is None else None,
+                "body": None if r.status == expect_status else body[:300].decode(errors="replace"),
+            }
+        )
+    conn.close()
+    return out
+
+
+class RssSampler:
+    """VmRSS of some processes every ``every`` seconds, in a thread: peaks between marks."""
+
+    def __init__(self, pids: list[int], every: float = 0.05):
+        self.pids, self.every = pids, every
+        self.samples: list[tuple[float, dict[int, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            snap = {}
+            for pid in self.pids:
+                try:
+                    snap[pid] = memory(pid)["VmRSS"]
+                except (OSError, KeyError):
+                    continue
+            self.samples.append((time.monotonic(), snap))
+            self._stop.wait(self.every)
+
+    def start(self) -> RssSampler:
+        """Start sampling."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop sampling."""
+        self._stop.set()
+        self._thread.join(5)
+
+    def peak(self, since: float = 0.0, until: float = float("inf")) -> dict[int, float]:
+        """Highest VmRSS of each process between two ``time.monotonic()`` instants."""
+        out: dict[int, float] = {}
+        for t, snap in self.samples:
+            if since <= t <= until:
+                for pid, v in snap.items():
+                    out[pid] = max(out.get(pid, 0.0), v)
+        return out
+
+
 # ---------------------------------------------------------------- servers
 
 
@@ -629,8 +1037,13 @@ def start_redis() -> Proc | None:
 REDIS_URL: str | None = None  # set by main() when a redis-server runs for the bench
 
 
-def start_servers(workers: int, py: str, only: str | None = None) -> dict[str, Proc]:
-    """dinamis-tiler and stock titiler-pgstac on loopback, ``workers`` each; waits until both answer."""
+def start_servers(
+    workers: int, py: str, only: str | None = None, extra_env: dict[str, str] | None = None
+) -> dict[str, Proc]:
+    """dinamis-tiler and stock titiler-pgstac on loopback, ``workers`` each; waits until both answer.
+
+    ``extra_env``: more variables for ours (``TILER_STREAM_CHUNK_KB=256``, ...).
+    """
     from tiler.embedded import LocalCluster
 
     dsn = LocalCluster(BENCH / "postgres", PG_PORT).dsn
@@ -639,6 +1052,7 @@ def start_servers(workers: int, py: str, only: str | None = None) -> dict[str, P
     ours_env = dict(base_env, TILER_AUTH_ENABLED="false", PYTHONPATH=str(ROOT))
     if REDIS_URL:
         ours_env["TILER_CACHE_REDIS_URL"] = REDIS_URL
+    ours_env.update(extra_env or {})
     stock_env = dict(base_env, **STOCK_GDAL)
     stock_env.pop("PYTHONPATH", None)
     specs = {
@@ -752,13 +1166,18 @@ class Bench:
             f"p50 {med(s, 'p50_ms'):.0f} ms | errors {sum(x['errors'] for x in o)}/{sum(x['errors'] for x in s)}"
         )
 
-    def spy_start(self, case: str) -> list:
-        """py-spy on each of our workers (``--profile``), raw collapsed stacks."""
-        if not self.args.profile or self.procs is None:
+    def spy_start(self, case: str, master: int | None = None, workers: int | None = None) -> list:
+        """py-spy on each of our workers (``--profile``), raw collapsed stacks.
+
+        The workers of ``master`` (``workers`` of them), else of the shared server of ours.
+        """
+        if not self.args.profile or (master is None and self.procs is None):
             return []
+        if master is None:
+            master, workers = self.procs["ours"].pid, self.args.workers
         exe = shutil.which("py-spy") or str(STOCK_VENV / "bin" / "py-spy")
         spies = []
-        for pid in worker_pids(self.procs["ours"].pid, self.args.workers):
+        for pid in worker_pids(master, workers):
             out = BENCH / "profile" / f"{len(self.profiles):03d}-{pid}.txt"
             out.parent.mkdir(exist_ok=True)
             spies.append(
@@ -1015,6 +1434,151 @@ class Bench:
             f"scale: ours big/small {med(runs['ours'], 'ratio'):.2f}, stock {med(runs['stock'], 'ratio'):.2f}"
         )
 
+    def stream_case(self, py: str, info: dict, nginx: Proc) -> None:
+        """Raw COG streaming: ``/stream/...`` of ours against nginx read directly, same ranges.
+
+        A fresh server of ours only (``--stream-workers``, ``--stream-env``): stock titiler-pgstac
+        has no streaming route, so the reference is the origin itself, the same nginx serving
+        the same file on its own port (the bytes then take the path client -> nginx instead of
+        client -> ours -> nginx). Before measuring, a sample of ranges and the whole file are
+        compared with the file on disk, through both. Then, alternated over ``--rounds``
+        (ours, direct, then direct, ours): ``--stream-readers`` keep-alive readers asking random
+        aligned 256 KiB-1 MiB ranges for ``--stream-seconds`` (each round its own seeded
+        sequences, the same for both), then the whole file once in 1 MiB ranges. Our workers'
+        VmRSS is sampled every 50 ms from after the warm-up to the end; origin requests of ours
+        are counted from nginx's log (one per client request, the same bytes).
+        """
+        a = self.args
+        readers, seconds = a.stream_readers, a.stream_seconds
+        size, local = info["size"], info["path"]
+        paths = {"ours": stream_route_path(), "direct": f"/{STREAM_FILE}", "nginx-proxy": f"/{STREAM_FILE}"}
+        ports = {
+            "ours": SERVER_PORTS["ours"],
+            "direct": NGINX_PORTS["stream-direct"],
+            "nginx-proxy": NGINX_PROXY_PORT,
+        }
+        sides = ("ours", "direct", "nginx-proxy") if a.stream_nginx_proxy else ("ours", "direct")
+        extra = dict(kv.split("=", 1) for kv in a.stream_env)
+        procs = start_servers(a.stream_workers, py, only="ours", extra_env=extra)
+        master = procs["ours"].pid
+        try:
+            pids = worker_pids(master, a.stream_workers)
+            checks = {who: check_ranges(ports[who], paths[who], local) for who in sides}
+            bad = [
+                f"{who} {c['range']}: HTTP {c['status']}, {c['bytes']} bytes, equal {c['equal']}"
+                + (f" ({c['body']})" if c["body"] else "")
+                for who, cs in checks.items()
+                for c in cs
+                if not c["ok"]
+            ]
+            if bad:
+                raise RuntimeError("stream: answers differ from the file on disk:\n  " + "\n  ".join(bad[:6]))
+            log(f"stream: {sum(len(c) for c in checks.values())} ranges checked against the file, all equal")
+            # warm-up, not measured: the file in the page cache, then the route on the workers
+            # (imports, the asset href cache, the storage client's connections)
+            run_ranges(ports["direct"], paths["direct"], size, readers, whole=True)
+            run_ranges(ports["ours"], paths["ours"], size, readers, seconds=1.0, seed=999)
+            time.sleep(0.5)
+            rss_start = {pid: memory(pid) for pid in pids}
+            sampler = RssSampler(pids).start()
+            olog = OriginLog("stream")
+            runs: dict[str, list[dict]] = {who: [] for who in sides}
+            rounds_rss = []
+            try:
+                for r in range(a.rounds):
+                    t_round = time.monotonic()
+                    for who in sides if r % 2 == 0 else sides[::-1]:
+                        olog.mark()
+                        cpu_w0 = {pid: cpu_seconds(pid) for pid in pids}
+                        cpu_n0 = cpu_seconds(nginx.pid)
+                        spies = (
+                            self.spy_start("raw stream", master, a.stream_workers) if who == "ours" else []
+                        )
+                        rnd = run_ranges(ports[who], paths[who], size, readers, seconds=seconds, seed=r)
+                        whole = run_ranges(
+                            ports[who], paths[who], size, readers, whole=True, seconds=seconds / 2
+                        )
+                        self.spy_stop(spies)
+                        entry = {
+                            "random": rnd,
+                            "whole": whole,
+                            "worker_cpu_s": {pid: cpu_seconds(pid) - cpu_w0[pid] for pid in pids},
+                            "nginx_cpu_s": cpu_seconds(nginx.pid) - cpu_n0,
+                            "errors": rnd["errors"] + whole["errors"],
+                        }
+                        if who == "ours":
+                            o = olog.since()
+                            entry["origin"] = {
+                                "requests": o["requests"],
+                                "head": o["head"],
+                                "bytes": o["bytes"],
+                                "client_requests": rnd["requests"] + whole["requests"] + entry["errors"],
+                                "client_bytes": rnd["bytes"] + whole["bytes"],
+                            }
+                        runs[who].append(entry)
+                    end = {pid: memory(pid)["VmRSS"] for pid in pids}
+                    peak = sampler.peak(t_round)
+                    rounds_rss.append({"end": end, "peak": peak})
+                    o, d = runs["ours"][-1], runs["direct"][-1]
+                    if "nginx-proxy" in runs:
+                        x = runs["nginx-proxy"][-1]
+                        log(
+                            f"stream round {r + 1}: nginx proxy random {x['random']['MBps']:.0f} MB/s, "
+                            f"whole file {x['whole']['MBps']:.0f} MB/s"
+                        )
+                    log(
+                        f"stream round {r + 1}: random ours {o['random']['MBps']:.0f} MB/s, direct "
+                        f"{d['random']['MBps']:.0f} MB/s ({o['random']['MBps'] / d['random']['MBps']:.2f}); "
+                        f"whole file ours {o['whole']['MBps']:.0f}, direct {d['whole']['MBps']:.0f} "
+                        f"({o['whole']['MBps'] / d['whole']['MBps']:.2f}); RSS MiB "
+                        + ", ".join(f"{end[p]:.0f} (peak {peak.get(p, 0):.0f})" for p in pids)
+                    )
+            finally:
+                sampler.stop()
+            time.sleep(1.0)
+            rss_end = {pid: memory(pid) for pid in pids}
+        finally:
+            stop_servers(procs)
+        rss = {
+            str(pid): {
+                "start": rss_start[pid]["VmRSS"],
+                "peak": max((x["peak"].get(pid, 0.0) for x in rounds_rss), default=0.0),
+                "end": rss_end[pid]["VmRSS"],
+                "round_ends": [x["end"][pid] for x in rounds_rss],
+                "round_peaks": [x["peak"].get(pid, 0.0) for x in rounds_rss],
+                "VmHWM_end": rss_end[pid]["VmHWM"],
+            }
+            for pid in pids
+        }
+        ratios = {
+            kind: [
+                o[kind]["MBps"] / d[kind]["MBps"] for o, d in zip(runs["ours"], runs["direct"], strict=True)
+            ]
+            for kind in ("random", "whole")
+        }
+        if "nginx-proxy" in runs:
+            for kind in ("random", "whole"):
+                ratios[f"nginx-proxy {kind}"] = [
+                    x[kind]["MBps"] / d[kind]["MBps"]
+                    for x, d in zip(runs["nginx-proxy"], runs["direct"], strict=True)
+                ]
+        self.record(
+            "raw stream",
+            runs,
+            readers=readers,
+            seconds=seconds,
+            workers=a.stream_workers,
+            env=extra,
+            file={k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()},
+            checks=checks,
+            ratios=ratios,
+            rss=rss,
+        )
+        log(
+            f"stream: median ours/direct random {statistics.median(ratios['random']):.2f}, "
+            f"whole file {statistics.median(ratios['whole']):.2f}"
+        )
+
     def memory_snapshot(self, procs: dict[str, Proc], label: str) -> dict:
         """Peak and current RSS of every worker."""
         snap = {}
@@ -1146,6 +1710,8 @@ PROFILE_BUCKETS = [
     ("GDAL read, decode, warp", ("read (rio_tiler/reader.py", "part (rio_tiler/reader.py")),
     ("rescale/post-process (numpy)", ("rescale", "post_process", "apply_expression")),
     ("dataset open / metadata", ("__attrs_post_init__", "open (rasterio", "_get_reader", "Reader.__init__")),
+    ("storage client (stream): httpx/httpcore", ("httpcore/", "httpx/")),
+    ("HTTP server protocol (stream): uvicorn", ("uvicorn/protocols",)),
     ("FastAPI/starlette/uvicorn", ("starlette", "fastapi", "uvicorn")),
 ]
 
@@ -1428,6 +1994,94 @@ def table(results: dict, args: argparse.Namespace) -> list[dict]:
                 b / a - 1 <= 0.10,
                 "{:.0f}",
             )
+    name = "raw stream"
+    if name in results:
+        st = results[name]
+        r = st["rounds"]
+        n = st["readers"]
+        mib = st["file"]["size"] / MIB
+        err = sum(x["errors"] for side in r.values() for x in side)
+        suffix = f" ({err} errors!)" if err else ""
+        for kind, what in (
+            ("random", f"random 256 KiB-1 MiB ranges, {st['seconds']:g} s"),
+            ("whole", f"whole file in 1 MiB ranges, passes for {st['seconds'] / 2:g} s"),
+        ):
+            ratio = statistics.median(st["ratios"][kind])
+            row(
+                f"raw stream {mib:.0f} MiB COG, {n} readers, {what}: MB/s "
+                f"(stock column = nginx read directly: stock has no stream route){suffix}",
+                statistics.median(x[kind]["MBps"] for x in r["ours"]),
+                statistics.median(x[kind]["MBps"] for x in r["direct"]),
+                ratio,
+                ">= 0.8",
+                ratio >= 0.8,
+                "{:.0f}",
+            )
+        for kind in ("random", "whole") if "nginx-proxy" in r else ():
+            ratio = statistics.median(st["ratios"][f"nginx-proxy {kind}"])
+            row(
+                f"reference: nginx as reverse proxy, {kind} ranges: MB/s (ours column = nginx proxy; "
+                "stock column = nginx direct)",
+                statistics.median(x[kind]["MBps"] for x in r["nginx-proxy"]),
+                statistics.median(x[kind]["MBps"] for x in r["direct"]),
+                ratio,
+                "",
+                None,
+                "{:.0f}",
+            )
+        served = {who: sum(x["random"]["bytes"] + x["whole"]["bytes"] for x in r[who]) / 1e9 for who in r}
+        row(
+            "raw stream: CPU s per GB served (ours: our workers; stock column: nginx direct)",
+            sum(sum(x["worker_cpu_s"].values()) for x in r["ours"]) / served["ours"],
+            sum(x["nginx_cpu_s"] for x in r["direct"]) / served["direct"],
+            None,
+            "",
+            None,
+            "{:.2f}",
+        )
+        origin = [x["origin"] for x in r["ours"]]
+        one_to_one = all(
+            o["requests"] == o["client_requests"] and o["bytes"] == o["client_bytes"] and not o["head"]
+            for o in origin
+        )
+        row(
+            "raw stream: origin requests / client requests, bytes equal (ours)",
+            f"{sum(o['requests'] for o in origin)} / {sum(o['client_requests'] for o in origin)}, "
+            + ("yes" if all(o["bytes"] == o["client_bytes"] for o in origin) else "NO"),
+            None,
+            None,
+            "1 per request, same bytes",
+            one_to_one,
+        )
+        checked = [c for cs in st["checks"].values() for c in cs]
+        row(
+            "raw stream: sample ranges + whole file equal to the file on disk (ours, direct)",
+            f"{sum(c['ok'] for c in st['checks']['ours'])}/{len(st['checks']['ours'])}",
+            f"{sum(c['ok'] for c in st['checks']['direct'])}/{len(st['checks']['direct'])}",
+            None,
+            "all",
+            all(c["ok"] for c in checked),
+        )
+        rss = st["rss"].values()
+        rise = max(w["peak"] - w["start"] for w in rss)
+        growth = max(w["round_ends"][-1] - w["round_ends"][0] for w in rss)
+        row(
+            f"raw stream: RSS per worker, MiB, start / peak / end ({len(st['rss'])} workers)",
+            "; ".join(f"{w['start']:.0f} / {w['peak']:.0f} / {w['end']:.0f}" for w in rss),
+            None,
+            None,
+            "peak - start <= 32",
+            rise <= 32,
+        )
+        row(
+            f"raw stream: RSS growth first -> last round end, MiB ({len(r['ours'])} rounds)",
+            growth,
+            None,
+            None,
+            "<= 8",
+            growth <= 8,
+            "{:+.1f}",
+        )
     return rows
 
 
@@ -1461,10 +2115,40 @@ def main() -> int:
     )
     ap.add_argument("--scale-tiles", type=int, default=6, help="mosaic tiles per round in the scale case")
     ap.add_argument(
-        "--profile", action="store_true", help="py-spy our workers during the distinct-tile cases"
+        "--profile", action="store_true", help="py-spy our workers during the distinct-tile and stream cases"
+    )
+    ap.add_argument("--skip", default="", help="comma-separated cases to leave out: " + ",".join(CASES))
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated cases to run, the others left out (`--only stream`: the raw streaming "
+        "case alone, ~1 min, no stock server)",
+    )
+    ap.add_argument("--stream-readers", type=int, default=8, help="parallel range readers (stream case)")
+    ap.add_argument(
+        "--stream-seconds",
+        type=float,
+        default=4,
+        help="random-range reading per round and side (stream case)",
     )
     ap.add_argument(
-        "--skip", default="", help="comma-separated: items,mosaic,lowzoom,preview,zipf,scale,origin,workers"
+        "--stream-workers",
+        type=int,
+        default=None,
+        help="uvicorn workers of ours in the stream case (--workers)",
+    )
+    ap.add_argument(
+        "--stream-nginx-proxy",
+        action="store_true",
+        help="stream case: also read through nginx as a reverse proxy (the ceiling of a proxy on these cores; "
+        "nginx then runs 2 workers)",
+    )
+    ap.add_argument(
+        "--stream-env",
+        action="append",
+        default=[],
+        metavar="VAR=VALUE",
+        help="extra variable for our server in the stream case (repeatable), e.g. TILER_STREAM_CHUNK_KB=256",
     )
     ap.add_argument(
         "--quick", action="store_true", help="2 rounds, fewer tiles, 20k-item scale case (~3 min)"
@@ -1480,52 +2164,70 @@ def main() -> int:
     if args.quick:
         args.rounds, args.tiles, args.zipf_seconds, args.scale_items = 2, 12, 4, min(args.scale_items, 20_000)
     skip = set(filter(None, args.skip.split(",")))
+    if args.only:
+        only = set(filter(None, args.only.split(",")))
+        if only - set(CASES):
+            ap.error(
+                f"--only: unknown case(s) {', '.join(sorted(only - set(CASES)))} (cases: {', '.join(CASES)})"
+            )
+        skip |= set(CASES) - only
+    if args.stream_workers is None:
+        args.stream_workers = args.workers
+    if any("=" not in kv for kv in args.stream_env):
+        ap.error("--stream-env takes VAR=VALUE")
+    scenes = bool(set(CASES) - {"stream"} - skip)  # every case but stream reads the scenes
+    shared = bool(SHARED_CASES - skip)
     py = sys.executable
     t_start = time.monotonic()
     BENCH.mkdir(exist_ok=True)
 
-    cluster, (coll, items) = prepare_data(args.scale_items)
-    nginx = start_nginx(BENCH / "cogs")
+    cluster, (coll, items) = prepare_data(args.scale_items, scenes=scenes)
+    stream_info = make_stream_cog(BENCH / "cogs") if "stream" not in skip else None
+    nginx = start_nginx(BENCH / "cogs", proxy=args.stream_nginx_proxy and "stream" not in skip)
     global REDIS_URL
-    redis = None if args.no_redis else start_redis()
+    redis = None if args.no_redis or not shared else start_redis()
     if redis is not None:
         REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/0"
     procs: dict[str, Proc] = {}
+    b = Bench(args, items)
+    load_avg = os.getloadavg()
     try:
-        load_collections(cluster.dsn, coll, items, args.scale_items)
+        if scenes:
+            load_collections(cluster.dsn, coll, items, args.scale_items)
+        if stream_info is not None:
+            load_stream_collection(cluster.dsn, stream_info)
         t_setup = time.monotonic() - t_start
-        procs = start_servers(args.workers, py)
-        log(
-            f"servers up: ours :{SERVER_PORTS['ours']}, stock :{SERVER_PORTS['stock']}, {args.workers} workers each"
-        )
-        b = Bench(args, items)
-        b.procs = procs
-        b.equivalence()
-        # warm-up: imports, pools, TileMatrixSets; tiles outside the measured sets (z12)
-        for srv in ("ours", "stock"):
-            for it in items:
-                for t in tiles_in([it], 12)[:2] or covering_tiles([it], 1):
-                    fetch(SERVER_PORTS[srv], b.item_tile(srv, it["id"], t, MS_RGB))
-                    fetch(SERVER_PORTS[srv], b.mosaic_tile(COLLECTIONS[srv], t))
-        b.memory_snapshot(procs, "after warm-up")
-        t_measure = time.monotonic()
-        load_avg = os.getloadavg()
-        if "items" not in skip:
-            b.item_cases()
-        if "mosaic" not in skip:
-            b.mosaic_case()
-        if "preview" not in skip:
-            b.preview_case()
-        if "zipf" not in skip:
-            b.zipf_case()
-        if "scale" not in skip:
-            b.scale_case()
-        b.memory_snapshot(procs, "end")
-        if b.profiles:
-            b.results["profile"] = profile_summary(b.profiles)
-        b.results["measured_minutes"] = (time.monotonic() - t_measure) / 60
-        stop_servers(procs)
-        procs = {}
+        if shared:
+            procs = start_servers(args.workers, py)
+            log(
+                f"servers up: ours :{SERVER_PORTS['ours']}, stock :{SERVER_PORTS['stock']}, "
+                f"{args.workers} workers each"
+            )
+            b.procs = procs
+            b.equivalence()
+            # warm-up: imports, pools, TileMatrixSets; tiles outside the measured sets (z12)
+            for srv in ("ours", "stock"):
+                for it in items:
+                    for t in tiles_in([it], 12)[:2] or covering_tiles([it], 1):
+                        fetch(SERVER_PORTS[srv], b.item_tile(srv, it["id"], t, MS_RGB))
+                        fetch(SERVER_PORTS[srv], b.mosaic_tile(COLLECTIONS[srv], t))
+            b.memory_snapshot(procs, "after warm-up")
+            t_measure = time.monotonic()
+            load_avg = os.getloadavg()
+            if "items" not in skip:
+                b.item_cases()
+            if "mosaic" not in skip:
+                b.mosaic_case()
+            if "preview" not in skip:
+                b.preview_case()
+            if "zipf" not in skip:
+                b.zipf_case()
+            if "scale" not in skip:
+                b.scale_case()
+            b.memory_snapshot(procs, "end")
+            b.results["measured_minutes"] = (time.monotonic() - t_measure) / 60
+            stop_servers(procs)
+            procs = {}
         # origin counts and the cold low-zoom tile measure reads: no tile from the shared tier
         REDIS_URL = None
         if "origin" not in skip:
@@ -1534,6 +2236,10 @@ def main() -> int:
             b.low_zoom_case(py)
         if "workers" not in skip:
             b.workers_case(py)
+        if stream_info is not None:
+            b.stream_case(py, stream_info, nginx)
+        if b.profiles:
+            b.results["profile"] = profile_summary(b.profiles)
     finally:
         stop_servers(procs)
         nginx.stop()
@@ -1552,12 +2258,27 @@ def main() -> int:
         "redis_tier_for_ours": redis is not None,
         "data": f"{N_SCENES} scenes, MS {MS_SIZE} px 6 m 4-band uint16, pan {MS_SIZE * 4} px 1.5 m, 512 px blocks",
     }
+    if stream_info is not None:
+        meta["stream_data"] = (
+            f"{STREAM_FILE}: {stream_info['size'] / MIB:.1f} MiB, {stream_info['shape'][0]} bands uint16 "
+            f"{stream_info['shape'][2]} px, {stream_info['blocks'][0]} px blocks, {stream_info['compress']}, "
+            f"overviews {stream_info['overviews']}"
+        )
     print()
-    print(f"dinamis-tiler vs stock titiler-pgstac 3.2.0 - {meta['date_utc']} - {meta['machine']}")
-    print(
-        f"{args.workers} uvicorn workers each, {args.rounds} alternated rounds, ratios ours/stock "
-        f"(median of per-round ratios); load average at start {load_avg[0]:.1f}; run {total / 60:.1f} min"
-    )
+    if set(CASES) - skip == {"stream"}:
+        print(f"dinamis-tiler raw streaming vs nginx read directly - {meta['date_utc']} - {meta['machine']}")
+        print(
+            f"{args.stream_workers} uvicorn worker(s), {args.rounds} alternated rounds, ratios ours/direct "
+            f"(median of per-round ratios); load average at start {load_avg[0]:.1f}; run {total / 60:.1f} min"
+        )
+    else:
+        print(f"dinamis-tiler vs stock titiler-pgstac 3.2.0 - {meta['date_utc']} - {meta['machine']}")
+        print(
+            f"{args.workers} uvicorn workers each, {args.rounds} alternated rounds, ratios ours/stock "
+            f"(median of per-round ratios); load average at start {load_avg[0]:.1f}; run {total / 60:.1f} min"
+        )
+    if stream_info is not None:
+        print(f"stream case: {meta['stream_data']}; stock column = nginx read directly")
     print()
     print_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
