@@ -642,3 +642,54 @@ def test_stac_routes_are_labelled_under_their_mount(dsn, caplog):
     assert any(m.startswith("GET /stac/collections/{collection_id} 200") for m in lines), lines
     stream = "/stream/collections/{collection_id}/items/{item_id}/assets/{asset_id}/{filename}"
     assert any(m.startswith(f"GET {stream} 404") for m in lines), lines
+
+
+def test_storage_faults_mid_stream_and_before_it(dsn, sample, tmp_path):
+    """A cut transfer ends the client's body early (never a silent short file) and frees the slot;
+    5xx, 429 and a silent host map to 502, 503 and 504; the server streams normally afterwards."""
+    from tests.faultserver import FaultServer
+    from tests.helpers import copy_items
+    from tiler.ingest import load
+
+    fault = FaultServer(sample.directory)
+    fault.start_background()
+    name = sample.path(0, "ms").name
+    modes = ("cut", "500", "429", "hang", "ok")
+
+    def rehost(items):
+        for it in items:
+            it["assets"] = {m: dict(it["assets"]["ms"], href=f"{fault.url}/{m}/{name}") for m in modes}
+
+    load(dsn, copy_items(sample, tmp_path, "faults-stream", rehost), progress=False, stats=False)
+    s = make_settings(dsn)
+    s.stream = StreamSettings(read_timeout=1.0, connect_timeout=1.0)
+    app = create_app(s)
+    item = sample.item(0)["id"]
+    data = sample.path(0, "ms").read_bytes()
+
+    def url(base, mode):
+        return f"{base}/stream/collections/faults-stream/items/{item}/assets/{mode}/{item}_{mode}.tif"
+
+    try:
+        with serve_app(app) as (base, _):
+            with pytest.raises(httpx.HTTPError):  # Content-Length promised, half the bytes sent
+                httpx.get(url(base, "cut"), headers={"Range": "bytes=1000-60999"}, timeout=10)
+            r = httpx.get(url(base, "500"), headers={"Range": "bytes=0-99"}, timeout=10)
+            assert r.status_code == 502 and "HTTP 500" in r.json()["detail"]
+            assert len(fault.requests("500")) == 2  # one retry
+            r = httpx.get(url(base, "429"), headers={"Range": "bytes=0-99"}, timeout=10)
+            assert r.status_code == 503 and r.headers["retry-after"]
+            t0 = time.monotonic()
+            r = httpx.get(url(base, "hang"), headers={"Range": "bytes=0-99"}, timeout=20)
+            assert r.status_code == 504 and time.monotonic() - t0 < 6, r.text
+            for text in (r.text, str(r.headers)):
+                assert fault.url not in text
+            r = httpx.get(url(base, "ok"), headers={"Range": "bytes=100-199"}, timeout=10)
+            assert r.status_code == 206 and r.content == data[100:200]
+            for _ in range(50):
+                if app.state.stream_limiter.open_streams() == 0:
+                    break
+                time.sleep(0.1)
+            assert app.state.stream_limiter.open_streams() == 0
+    finally:
+        fault.shutdown()
