@@ -386,37 +386,6 @@ def test_connection_budget_counts_the_stac_pool(rendered):
     assert budget_problems(patched("Cluster", "pgstac", {"spec": {"managed": {"roles": roles}}}))
 
 
-def test_the_app_startup_check_agrees_with_the_budget(rendered):
-    """tiler.db.connection_budget (logged at start, TILER_DB_STRICT_BUDGET) counts the STAC pool the same way."""
-    from contextlib import contextmanager
-
-    from tiler.db import connection_budget
-    from tiler.settings import DatabaseSettings
-
-    cluster = by_key(rendered["production"])[("Cluster", "pgstac")]["spec"]
-    rows = [
-        ("max_connections", int(cluster["postgresql"]["parameters"]["max_connections"])),
-        ("superuser_reserved_connections", 3),
-    ]
-
-    class Pool:
-        @contextmanager
-        def connection(self, timeout=None):
-            class Conn:
-                def execute(self, *_):
-                    return type("Cursor", (), {"fetchall": lambda self: rows})()
-
-            yield Conn()
-
-    db_conn, stac_conn, workers, pods = tiler_pools(rendered["production"])
-    db = DatabaseSettings(
-        max_conn=db_conn, workers=workers, replicas=pods, other_connections=RESERVED_CONNECTIONS - 3
-    )
-    assert connection_budget(Pool(), db, stac_conn=stac_conn) is None
-    too_many = connection_budget(Pool(), db, stac_conn=stac_conn + 20)
-    assert too_many and "TILER_STAC_MAX_CONN" in too_many
-
-
 def test_the_tiler_is_the_only_http_api(rendered):
     """No standalone STAC API (unauthenticated, it served the stored asset hrefs): the tiler's /stac."""
     from tiler.settings import StacSettings

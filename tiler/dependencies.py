@@ -243,13 +243,27 @@ def AssetIdParams(  # noqa: N802 - titiler naming
     asset_id: Annotated[str, Path(description="STAC Asset Identifier")],
 ) -> str:
     """Href of one asset of a pgstac item; 404 when the item or asset does not exist."""
-    item = get_stac_item(request.app.state.dbpool, collection_id, item_id)
+    return stac_asset(request.app.state.dbpool, collection_id, item_id, asset_id).href
+
+
+def stac_asset(pool: Any, collection_id: str, item_id: str, asset_id: str) -> pystac.Asset:
+    """One asset of a pgstac item, its href absolute; 404 when the item or asset does not exist."""
+    item = get_stac_item(pool, collection_id, item_id)
     asset = item.assets.get(asset_id)
     if asset is None:
         raise AssetNotFound(
             f"Item '{item_id}' has no asset '{asset_id}' (has: {', '.join(sorted(item.assets))})"
         )
-    return asset.get_absolute_href() or asset.href
+    asset.href = asset.get_absolute_href() or asset.href
+    return asset
+
+
+def cached_stac_asset(pool: Any, collection_id: str, item_id: str, asset_id: str) -> pystac.Asset:
+    """`stac_asset`, cached 60 s like the other pgstac lookups (raw streams ask for it per range)."""
+    return _cached(
+        ("asset", collection_id, item_id, asset_id),
+        lambda: stac_asset(pool, collection_id, item_id, asset_id),
+    )
 
 
 # --------------------------------------------------------------------------- presets

@@ -65,10 +65,7 @@ class _Rights:
         self.auth, self.principal = auth, principal
 
     def visible(self, collection_id: str) -> bool:
-        if self.auth is None:
-            return True
-        access = self.principal.access(self.auth.policy, collection_id)
-        return access is not None and access.allows("metadata")
+        return self.may(collection_id, "metadata")
 
     def may(self, collection_id: str, operation: str) -> bool:
         if self.auth is None:
@@ -125,8 +122,8 @@ class GuardedClient(CoreCrudClient):
     async def _search_base(self, search_request: Any, request: Request) -> Any:  # type: ignore[override]
         """Every item search: the caller's collections only, then asset links signed."""
         rights = _rights(request)
-        if rights.auth is not None:
-            allowed = [c for c in await _collection_ids(request) if rights.visible(c)]
+        allowed = await _visible_ids(request)
+        if allowed is not None:
             asked = search_request.collections
             cols = [c for c in asked if c in allowed] if asked else allowed
             if not cols:
@@ -150,16 +147,16 @@ def _server_base(request: Request) -> str:
         root = root[: -len(MOUNT)]
     token = request.scope.get(SCOPE_TOKEN)
     if token is not None:
-        root = root.removesuffix(f"/{URL_TOKEN_SEGMENT}/{quote(token, safe='')}")
-        root = root.removesuffix(f"/{URL_TOKEN_SEGMENT}/{token}")
+        root = root.removesuffix(
+            f"/{URL_TOKEN_SEGMENT}/{quote(token, safe='')}"
+        )  # as UrlTokenMiddleware set it
     scheme = request.url.scheme
     host = request.headers.get("host") or (request.url.netloc)
     return f"{scheme}://{host}{root}"
 
 
-def _item_prefix(request: Request, rights: _Rights, settings: Any, cid: str, iid: str) -> str:
+def _item_prefix(base: str, rights: _Rights, settings: Any, cid: str, iid: str) -> str:
     """URL prefix for one item's links: with a URL token for this user and item when there is a user."""
-    base = _server_base(request)
     auth, principal = rights.auth, rights.principal
     if auth is None or principal.anonymous or not auth.keys:
         return base
@@ -194,12 +191,13 @@ def _default_preset(request: Request, feature: dict) -> str | None:
 def _sign_features(request: Request, rights: _Rights, features: list[dict]) -> None:
     settings = request.app.state.tiler_settings.stac
     presets: dict[Any, str | None] = {}  # default preset by collection and asset layout, for this page
+    base = _server_base(request)
     for feature in features:
         cid, iid, assets = feature.get("collection"), feature.get("id"), feature.get("assets")
         if not cid or not iid:
             feature.pop("assets", None)  # cannot be linked (fields extension): never the stored href
             continue
-        prefix = _item_prefix(request, rights, settings, cid, iid)
+        prefix = _item_prefix(base, rights, settings, cid, iid)
         q = {"collection_id": quote(cid, safe=""), "item_id": quote(iid, safe="")}
         for name, asset in (assets or {}).items():
             if not isinstance(asset, dict):

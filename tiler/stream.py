@@ -37,16 +37,14 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import httpx
-from cachetools import TTLCache
 from fastapi import APIRouter, Header, HTTPException, Path
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from titiler.pgstac.dependencies import get_stac_item
 
 from tiler import metrics
+from tiler.dependencies import cached_stac_asset
 from tiler.errors import (
-    AssetNotFound,
     UpstreamError,
     UpstreamFailed,
     UpstreamNotFound,
@@ -90,7 +88,6 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _FORWARDED = ("if-none-match", "if-modified-since", "if-range", "if-match", "if-unmodified-since")
 #: storage answer headers passed to the client
 _RELAYED = ("content-length", "content-range", "accept-ranges", "etag", "last-modified", "content-type")
-_HREF_TTL = 60.0
 
 
 class RangeNotAccepted(Exception):
@@ -181,8 +178,6 @@ class UpstreamClient:
         """Timeouts and pool size from ``settings``; never follows redirects, ignores proxy variables."""
         self.settings = settings
         self._client: httpx.AsyncClient | None = None
-        self._hrefs: TTLCache = TTLCache(maxsize=4096, ttl=_HREF_TTL)
-        self._hrefs_lock = threading.Lock()
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -202,24 +197,6 @@ class UpstreamClient:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
-
-    def href(self, pool: Any, collection_id: str, item_id: str, asset_id: str) -> tuple[str, str | None]:
-        """The stored href and media type of an asset (pgstac, cached a minute); 404 when unknown."""
-        key = (collection_id, item_id, asset_id)
-        with self._hrefs_lock:
-            found = self._hrefs.get(key)
-        if found is not None:
-            return found
-        item = get_stac_item(pool, collection_id, item_id)
-        asset = item.assets.get(asset_id)
-        if asset is None:
-            raise AssetNotFound(
-                f"Item '{item_id}' has no asset '{asset_id}' (has: {', '.join(sorted(item.assets))})"
-            )
-        found = (asset.get_absolute_href() or asset.href, asset.media_type)
-        with self._hrefs_lock:
-            self._hrefs[key] = found
-        return found
 
     async def _sign(self, href: str, refresh: bool) -> str:
         signer = signer_for(href)
@@ -365,10 +342,11 @@ def stream_router(settings: StreamSettings) -> APIRouter:
             return JSONResponse({"detail": str(e)}, status_code=416, headers={"Accept-Ranges": "bytes"})
         upstream_client: UpstreamClient = request.app.state.stream_upstream
         limiter: StreamLimiter = request.app.state.stream_limiter
-        href, media_type = await run_in_threadpool(
-            upstream_client.href, request.app.state.dbpool, collection_id, item_id, asset_id
+        asset = await run_in_threadpool(
+            cached_stac_asset, request.app.state.dbpool, collection_id, item_id, asset_id
         )
-        expected = stream_filename(item_id, asset_id, href, media_type)
+        href = asset.href
+        expected = stream_filename(item_id, asset_id, href, asset.media_type)
         if filename != expected:
             # one file per asset: GDAL probes siblings (`.ovr`, `.aux.xml`, `.msk`) by name, and
             # must not find the same TIFF under each of them
