@@ -591,3 +591,28 @@ def test_collections_and_items_listings_follow_the_policy(auth_client, sample, k
     assert c.get(f"/collections/{B}/items", headers=h).status_code == 403
     assert c.get(f"/collections/{A}/items", params={"limit": 100000}, headers=h).status_code == 422
     assert c.get(f"/collections/{A}/items", params={"bbox": "1,2"}, headers=h).status_code == 400
+
+
+def test_asset_statistics_need_the_data_right(auth_client, sample, keys):
+    """Per-asset statistics read pixels: the anonymous metadata+preview grant does not give them."""
+    base = f"/collections/{A}/items/{sample.item(0)['id']}"
+    assert auth_client.get(base + "/info", params={"assets": "ms"}).status_code == 200
+    r = auth_client.get(base + "/asset_statistics", params={"assets": "ms"})
+    assert r.status_code == 401, r.text
+    assert "ms" not in r.json()
+    r = auth_client.get(base + "/asset_statistics", params={"assets": "ms"}, headers=bearer(make_jwt(keys)))
+    assert r.status_code == 200 and "ms" in r.json()
+
+
+def test_cog_wmts_needs_the_cog_grant(dsn, cog_server, sample, auth_files, keys):
+    """``/cog/WMTSCapabilities.xml`` is a /cog route: a user without the policy's `cog` grant gets 403."""
+    settings = make_settings(
+        dsn, auth=auth_settings(auth_files), enabled=True, allowed_prefixes=[cog_server.url + "/"]
+    )
+    url = f"{cog_server.url}/{sample.path(0, 'ms').name}"
+    with TestClient(create_app(settings)) as c:
+        headers = bearer(make_jwt(keys))
+        assert c.get("/cog/info", params={"url": url}, headers=headers).status_code == 403
+        r = c.get("/cog/WMTSCapabilities.xml", params={"url": url}, headers=headers)
+        assert r.status_code == 403, r.text
+        assert "TileMatrix" not in r.text

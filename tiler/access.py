@@ -1,9 +1,10 @@
 """Access control in the HTTP application: URL tokens, the authorize dependency, /auth routes.
 
 Every route goes through `authorize` (an application-wide dependency): it finds
-the caller (`Principal`), classifies the request (which collection or search,
-which operation, which zoom) and checks the policy. Routes are denied unless
-they are listed as public or classified: a new endpoint cannot leak by default.
+the caller (`Principal`), reads what the route does (the `tiler.operations.Operation`
+it declares: which right, on a collection, a search, ``/cog``...) and checks the
+policy for the path's collection or search, zoom and size. A route that declares
+nothing is refused: a new endpoint cannot leak by default.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, quote, urlencode
 
@@ -44,6 +44,7 @@ from tiler.auth import (
     verify_url_token,
 )
 from tiler.dependencies import presets_for
+from tiler.operations import ACCOUNT, Operation, declared
 from tiler.settings import AuthSettings
 from tiler.tms import supported_tms
 
@@ -53,31 +54,6 @@ URL_TOKEN_SEGMENT = "t"
 SCOPE_TOKEN = "dinamis.url_token"
 SCOPE_CACHE = "dinamis.cache"
 
-#: Routes anyone may call (documentation, health, grids); matched on the route template.
-PUBLIC_ROUTES = {
-    "/",
-    "/conformance",
-    "/api",
-    "/api.html",
-    "/docs/oauth2-redirect",
-    "/redoc",
-    "/livez",
-    "/healthz",
-    "/readyz",
-    "/tileMatrixSets",
-    "/tileMatrixSets/{tileMatrixSetId}",
-    "/algorithms",
-    "/algorithms/{algorithmId}",
-    "/colorMaps",
-    "/colorMaps/{colorMapId}",
-    "/presets",
-    "/viewer",
-}
-
-#: Routes that check the caller themselves, before any credential is parsed (their own token).
-SELF_GUARDED_ROUTES = {"/metrics"}
-
-_DATA_ROUTE_PREFIXES = ("/point/", "/bbox/", "/feature", "/statistics", "/part")
 WEB_MERCATOR_CELL_Z0 = 2 * math.pi * 6378137 / 256
 METRES_PER_DEGREE = 111_320.0
 
@@ -291,56 +267,7 @@ class Authenticator:
         return tuple(cols) if cols else None
 
 
-# --------------------------------------------------------------------------- classification
-
-
-@dataclass(frozen=True)
-class Target:
-    """What a request touches."""
-
-    #: public | auth | catalogue | collection | stream | search | searches | register | cog | unknown
-    kind: str
-    operation: str = "metadata"
-    collection: str | None = None
-    search: str | None = None
-
-
-def classify(request: Request) -> Target:
-    """Map the matched route to a resource and an operation."""
-    route = request.scope.get("route")
-    template: str = getattr(route, "path", "") or ""
-    params = request.path_params
-    if template in PUBLIC_ROUTES and not params.keys() & {"collection_id", "search_id", "item_id"}:
-        return Target("public")
-    if template.startswith("/auth/"):
-        return Target("auth")
-    if template in ("/WMTSCapabilities.xml", "/collections") and not params.keys() & {
-        "collection_id",
-        "search_id",
-        "item_id",
-    }:
-        return Target("catalogue")  # lists only what the caller may see (templates are router-relative)
-    if template.startswith("/stream/") and "collection_id" in params:
-        return Target("stream", "data", collection=params["collection_id"])  # raw file bytes
-    op = "metadata"
-    if "z" in params and "tileMatrixSetId" in params and not template.endswith("/assets"):
-        op = "tiles"
-    elif template.startswith(("/preview", "/thumbnail")):
-        op = "preview"
-    elif template.startswith(_DATA_ROUTE_PREFIXES) and not template.endswith("/assets"):
-        op = "data"
-    if "search_id" in params:
-        return Target("search", op, search=params["search_id"])
-    if "collection_id" in params:
-        return Target("collection", op, collection=params["collection_id"])
-    if template in ("/searches/register",):
-        return Target("register")
-    if template in ("/searches/", "/searches/list"):
-        return Target("searches")
-    route_path = get_route_path(request.scope)
-    if route_path == "/cog" or route_path.startswith("/cog/"):
-        return Target("cog", op)
-    return Target("unknown", op)
+# --------------------------------------------------------------------------- zoom and size of a request
 
 
 def _tile_ground_resolution(tms_id: str, z: int, x: int, y: int, out_px: int | None) -> tuple[float, float]:
@@ -379,8 +306,8 @@ def preview_allowed(access: Access, request: Request) -> bool:
     if access.max_preview_size is None:
         return True
     q, p = request.query_params, request.path_params
-    route = getattr(request.scope.get("route"), "path", "") or ""
-    if route.startswith("/thumbnail"):
+    op = declared(request.scope.get("route"))
+    if op is not None and op.sizes == "thumbnail":
         size = q.get("size", "256")
         return (int(size) if size.isdigit() else 10**9) <= access.max_preview_size
     sizes = []
@@ -402,12 +329,12 @@ def _deny(principal: Principal, detail: str) -> HTTPException:
     return HTTPException(403, detail)
 
 
-def _check(principal: Principal, access: Access | None, target: Target, request: Request, what: str) -> None:
-    if access is None or not access.allows(target.operation):
-        raise _deny(principal, f"Not allowed: {target.operation} on {what}")
-    if target.operation == "tiles" and not zoom_allowed(access, request):
+def _check(principal: Principal, access: Access | None, op: Operation, request: Request, what: str) -> None:
+    if access is None or not access.allows(op.right):
+        raise _deny(principal, f"Not allowed: {op.right} on {what}")
+    if op.right == "tiles" and not zoom_allowed(access, request):
         raise _deny(principal, f"Zoom level above what your access allows on {what} (max {access.max_zoom})")
-    if target.operation == "preview" and not preview_allowed(access, request):
+    if op.right == "preview" and not preview_allowed(access, request):
         raise _deny(
             principal, f"Preview larger than your access allows on {what} (max {access.max_preview_size} px)"
         )
@@ -420,11 +347,12 @@ def _mark(request: Request, principal: Principal) -> None:
 
 
 def authorize(request: Request) -> None:
-    """Application-wide dependency: find the caller and enforce the policy."""
+    """Application-wide dependency: find the caller and enforce the policy for the route's `Operation`."""
     auth: Authenticator | None = getattr(request.app.state, "auth", None)
     if auth is None:  # access control disabled
         return
-    if getattr(request.scope.get("route"), "path", None) in SELF_GUARDED_ROUTES:
+    op = declared(request.scope.get("route"))
+    if op is not None and op.resource == "self":
         return
     try:
         principal = auth.principal(request)
@@ -434,53 +362,46 @@ def authorize(request: Request) -> None:
         raise HTTPException(503, "Identity provider unavailable", headers={"Retry-After": "10"}) from e
     request.state.principal = principal
     _mark(request, principal)
-    target = classify(request)
+    if op is None:  # a route that does not say what it does is never served
+        raise HTTPException(403, "Not allowed")
+    if op.resource in ("public", "account"):
+        return  # /auth routes check the caller themselves
     tok = principal.token
-    if target.kind == "public":
-        return
-    if target.kind == "auth":
-        return  # these routes check for themselves
+    params = request.path_params
     if (
         tok is not None
         and tok.item is not None
-        and (target.kind not in ("collection", "stream") or request.path_params.get("item_id") != tok.item)
+        and (op.resource not in ("collection", "stream") or params.get("item_id") != tok.item)
     ):
         raise HTTPException(403, "This URL token is limited to one item")
-    if target.kind == "catalogue":
+    if op.resource == "catalogue":
         return  # lists only what the caller may see
     policy = auth.policy
-    if tok is not None and tok.search is not None and target.search != tok.search:
+    search_id = params.get("search_id") if op.resource == "search" else None
+    if tok is not None and tok.search is not None and search_id != tok.search:
         raise HTTPException(403, "This URL token is limited to one search")
-    if target.kind in ("collection", "stream"):
-        assert target.collection is not None
-        _check(
-            principal,
-            principal.access(policy, target.collection),
-            target,
-            request,
-            f"collection {target.collection!r}",
-        )
+    if op.resource in ("collection", "stream") and (collection := params.get("collection_id")):
+        _check(principal, principal.access(policy, collection), op, request, f"collection {collection!r}")
         return
-    if target.kind == "search":
-        assert target.search is not None
+    if op.resource == "search" and search_id:
         try:
-            cols = auth.search_collections(request.app.state.dbpool, target.search)
+            cols = auth.search_collections(request.app.state.dbpool, search_id)
         except KeyError:
-            raise HTTPException(404, f"SearchId `{target.search}` not found") from None
+            raise HTTPException(404, f"SearchId `{search_id}` not found") from None
         if cols is None:
-            _check(principal, principal.access(policy, "*"), target, request, "an unrestricted search")
+            _check(principal, principal.access(policy, "*"), op, request, "an unrestricted search")
             return
         for c in cols:
-            _check(principal, principal.access(policy, c), target, request, f"collection {c!r}")
+            _check(principal, principal.access(policy, c), op, request, f"collection {c!r}")
         return
-    if target.kind == "register":
+    if op.resource == "register":
         if tok is not None:
             raise HTTPException(403, "URL tokens cannot register searches")
         return  # restricted_search_params narrows the query itself
-    if target.kind == "searches":
-        _check(principal, principal.access(policy, "*"), target, request, "the list of all searches")
+    if op.resource == "searches":
+        _check(principal, principal.access(policy, "*"), op, request, "the list of all searches")
         return
-    if target.kind == "cog":
+    if op.resource == "cog":
         if not principal.may_use_cog(policy):
             raise _deny(principal, "Not allowed: /cog")
         return
@@ -614,7 +535,7 @@ def mint_for(request: Request, req: TokenRequest) -> TokenResponse:
 
 def auth_router() -> APIRouter:
     """The /auth routes: who am I, mint, QGIS layer URLs, revoke."""
-    router = APIRouter(prefix="/auth", tags=["Access"])
+    router = APIRouter(prefix="/auth", tags=["Access"], dependencies=[ACCOUNT.depends()])
 
     @router.get("/whoami", summary="The caller's identity and the collections it may see.")
     def whoami(request: Request) -> dict[str, Any]:

@@ -9,10 +9,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
-import re
 import threading
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -29,9 +29,13 @@ from titiler.mosaic.errors import NoAssetFoundError
 
 from tiler.access import SCOPE_CACHE, authorize
 from tiler.metrics import TILE_CACHE
+from tiler.operations import declared
 
 if TYPE_CHECKING:
     from tiler.rediscache import RedisTileStore
+    from tiler.settings import TileCacheSettings
+
+logger = logging.getLogger(__name__)
 
 
 class CachePolicyMiddleware:
@@ -42,16 +46,16 @@ class CachePolicyMiddleware:
       ``private`` — a shared cache or CDN must not serve it to someone else;
     * otherwise (anonymous, allowed by the policy, or access control off): the
       public value.
-    Paths matching ``exclude`` (health, search registration, /auth) get
-    ``no-store`` unless the endpoint set its own header.
+    Routes whose `tiler.operations.Operation` says ``store=False`` (health, search
+    registration and lists, /auth, /metrics) get ``no-store`` unless the endpoint set
+    its own header.
     """
 
-    def __init__(self, app: ASGIApp, public: str, private: str, exclude: Iterable[str] = ()):
+    def __init__(self, app: ASGIApp, public: str, private: str):
         """Wrap ``app`` with the two header values."""
         self.app = app
         self.public = public
         self.private = private
-        self.exclude = [re.compile(p) for p in exclude]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Decide the header when the response starts."""
@@ -68,7 +72,8 @@ class CachePolicyMiddleware:
                 if status >= 400:
                     headers["Cache-Control"] = "no-store"
                 elif "cache-control" not in headers:
-                    if any(p.match(get_route_path(scope)) for p in self.exclude):
+                    op = declared(scope.get("route"))  # set by the router, in this same scope
+                    if op is not None and not op.store:
                         headers["Cache-Control"] = "no-store"
                     elif scope["method"] in ("GET", "HEAD"):
                         headers["Cache-Control"] = self.private if holder["private"] else self.public
@@ -275,3 +280,27 @@ async def _store(cache: TileCache, key: str, entry: CachedResponse) -> None:
     cache.put(key, entry)
     if cache.shared is not None and entry.size <= cache.max_entry_bytes:
         cache.shared.put_soon(key, entry)  # in the background: the answer does not wait for Redis
+
+
+def tile_cache(cache: TileCacheSettings) -> TileCache:
+    """The in-process tile cache, in front of the shared Redis when ``TILER_CACHE_REDIS_URL`` is set."""
+    max_entry_bytes = int(cache.max_entry_kb * 1024)
+    shared = None
+    if cache.redis_url is not None:
+        from tiler.rediscache import RedisTileStore  # the `redis` extra, only when asked for
+
+        shared = RedisTileStore(
+            cache.redis_url.get_secret_value(),
+            prefix=cache.redis_prefix,
+            ttl=cache.ttl,
+            timeout=cache.redis_timeout,
+            backoff=cache.redis_backoff,
+            max_entry_bytes=max_entry_bytes,
+        )
+        logger.info("tile cache: in-process, then shared Redis at %s", shared.where)
+    return TileCache(
+        max_bytes=int(cache.max_mb * 1024 * 1024),
+        ttl=cache.ttl,
+        max_entry_bytes=max_entry_bytes,
+        shared=shared,
+    )

@@ -1,8 +1,8 @@
 """Concurrency limit: a bounded number of renders in flight per worker, a short queue, then 503.
 
 A *render* is a request that reads pixels (tiles, previews, parts, features,
-statistics, points, thumbnails: `tiler.access.classify` gives them the
-``tiles``, ``preview`` or ``data`` operation). Metadata routes are never held, nor
+statistics, points, thumbnails: routes whose `tiler.operations.Operation` needs
+the ``tiles``, ``preview`` or ``data`` right). Metadata routes are never held, nor
 raw file streams (`tiler.stream` bounds those itself).
 The limit is taken by `render_slot`, the first application-wide dependency: it
 runs on the event loop right after routing, before any threadpool work, so a
@@ -21,10 +21,7 @@ from fastapi import HTTPException
 from starlette.requests import Request
 
 from tiler import deadline, metrics
-from tiler.access import classify
-
-#: Operations (from `tiler.access.classify`) that read pixels.
-RENDER_OPERATIONS = frozenset({"tiles", "preview", "data"})
+from tiler.operations import declared
 
 
 class _Waiter:
@@ -110,8 +107,8 @@ class RenderLimiter:
 async def render_slot(request: Request) -> AsyncIterator[None]:
     """Application-wide dependency: hold a render slot while a pixel-reading endpoint runs."""
     limiter: RenderLimiter | None = getattr(request.app.state, "render_limiter", None)
-    target = classify(request)
-    if limiter is None or target.operation not in RENDER_OPERATIONS or target.kind == "stream":
+    op = declared(request.scope.get("route"))
+    if limiter is None or op is None or not op.renders:
         yield
         return
     await limiter.acquire()

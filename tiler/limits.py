@@ -27,7 +27,6 @@ from typing import Annotated, Any
 
 from cql2 import Expr
 from fastapi import HTTPException, Query
-from starlette._utils import get_route_path
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,6 +35,7 @@ from titiler.pgstac.backend import pgstac_config
 
 from tiler.dependencies import MosaicAssetsParams
 from tiler.errors import InvalidFilter, LimitExceeded
+from tiler.operations import PUBLIC, Operation, declared
 from tiler.settings import LimitSettings
 
 #: operands of a band-math expression: names (bands, functions) and numbers
@@ -229,7 +229,7 @@ def _check_coordinates(p: dict, q: Any) -> None:
             raise LimitExceeded("`bbox` must have minx < maxx and miny < maxy")
 
 
-def _check_sizes(limits: LimitSettings, template: str, q: Any, p: dict) -> None:
+def _check_sizes(limits: LimitSettings, op: Operation, q: Any, p: dict) -> None:
     z = _cap("z", p.get("z"), limits.max_zoom)
     if z is not None and z < 0:
         raise LimitExceeded(f"`z` must not be negative (got {p['z']})")
@@ -248,20 +248,20 @@ def _check_sizes(limits: LimitSettings, template: str, q: Any, p: dict) -> None:
         ("padding", limits.max_padding),
     ):
         _cap(name, q.get(name), cap)
-    if "/statistics" in template:
-        side, kind = limits.max_statistics_size, None
-    elif "/bbox" in template or "/feature" in template:
-        side, kind = limits.max_part_size, "part"
+    if op.sizes == "statistics":
+        side = limits.max_statistics_size
+    elif op.sizes == "part":
+        side = limits.max_part_size
     else:
-        side, kind = limits.max_preview_size, None
+        side = limits.max_preview_size
     sizes = {}
     for name in ("width", "height", "max_size"):
         sizes[name] = _cap(name, p.get(name) or q.get(name), side)
         _at_least_one(name, sizes[name])
-    if "/thumbnail" in template:
+    if op.sizes == "thumbnail":
         _cap("size", q.get("size"), limits.max_preview_size)
     width, height = sizes["width"], sizes["height"]
-    if kind == "part" and width and height and width * height > limits.max_part_pixels:
+    if op.sizes == "part" and width and height and width * height > limits.max_part_pixels:
         raise _over("width` x `height", int(width * height), limits.max_part_pixels, "pixels")
 
 
@@ -371,12 +371,12 @@ def limits_dependency(limits: LimitSettings) -> Callable[[Request], Awaitable[No
     """
 
     async def enforce_limits(request: Request) -> None:
-        template = getattr(request.scope.get("route"), "path", "") or ""
+        op = declared(request.scope.get("route")) or PUBLIC
         q, p = request.query_params, request.path_params
-        _check_sizes(limits, template, q, p)
+        _check_sizes(limits, op, q, p)
         if (expression := q.get("expression")) is not None:
             check_expression(limits, expression)
-            if "asset_id" in p or get_route_path(request.scope).startswith("/cog/"):
+            if "asset_id" in p or op.resource == "cog":
                 check_file_bands(expression)
         _check_bands(limits, q)
         _check_statistics(limits, q)
@@ -387,9 +387,9 @@ def limits_dependency(limits: LimitSettings) -> Callable[[Request], Awaitable[No
             body = await request.json()  # already read and parsed by FastAPI
         except Exception:  # noqa: BLE001 - FastAPI reports malformed bodies
             return
-        if template == "/searches/register":
+        if op.resource == "register":
             check_search_body(limits, body)
-        elif "/feature" in template or "/statistics" in template:
+        elif op.sizes in ("part", "statistics"):
             check_geojson(body)
 
     return enforce_limits

@@ -46,6 +46,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tiler.logs import REQUEST_ID
+from tiler.operations import SELF_GUARDED
 from tiler.settings import ObservabilitySettings
 
 logger = logging.getLogger(__name__)
@@ -296,7 +297,7 @@ def metrics_router(settings: ObservabilitySettings, pool_getter: Callable[[], An
     registry.register(PoolCollector(pool_getter))
     networks = [ipaddress.ip_network(n, strict=False) for n in settings.metrics_allow]
     token = settings.metrics_token.get_secret_value().encode() if settings.metrics_token else None
-    router = APIRouter()
+    router = APIRouter(dependencies=[SELF_GUARDED.depends()])  # checks its own token before any other
 
     def allowed(request: Request) -> bool:
         auth = request.headers.get("authorization", "")

@@ -15,6 +15,7 @@ from titiler.core.utils import tms_limits
 
 from tiler.access import allowed_collections
 from tiler.dependencies import PresetContext, collection_document, collection_zooms, presets_for
+from tiler.operations import CATALOGUE, METADATA, PUBLIC
 from tiler.presets import Preset, builtin
 from tiler.tms import supported_tms
 
@@ -80,7 +81,11 @@ def catalogue_router(templates: Jinja2Templates) -> APIRouter:
     """The catalogue as the caller may see it: collections, items, one WMTS document, a viewer."""
     router = APIRouter(tags=["Catalogue"])
 
-    @router.get("/collections", summary="Collections the caller may tile, with their extent and links.")
+    @router.get(
+        "/collections",
+        summary="Collections the caller may tile, with their extent and links.",
+        dependencies=[CATALOGUE.depends()],
+    )
     def collections(request: Request) -> dict[str, Any]:
         pool = request.app.state.dbpool
         root = str(request.base_url).rstrip("/")
@@ -108,6 +113,7 @@ def catalogue_router(templates: Jinja2Templates) -> APIRouter:
     @router.get(
         "/collections/{collection_id}/items",
         summary="Items of a collection, newest first (id, date, platform, bbox), for browsing.",
+        dependencies=[METADATA.on("collection").depends()],
     )
     def items(
         request: Request,
@@ -159,7 +165,10 @@ def catalogue_router(templates: Jinja2Templates) -> APIRouter:
         }
 
     @router.get(
-        "/viewer", response_class=HTMLResponse, summary="Browse collections and items; presets, grids, URLs."
+        "/viewer",
+        response_class=HTMLResponse,
+        summary="Browse collections and items; presets, grids, URLs.",
+        dependencies=[PUBLIC.depends()],
     )
     def viewer(request: Request):
         return templates.TemplateResponse(
@@ -174,6 +183,7 @@ def catalogue_router(templates: Jinja2Templates) -> APIRouter:
         response_class=_XML,
         summary="WMTS capabilities of the whole catalogue: a layer per collection, preset and grid.",
         responses={200: {"content": {"application/xml": {}}}},
+        dependencies=[CATALOGUE.depends()],
     )
     def catalogue_wmts(
         request: Request,
@@ -247,20 +257,27 @@ def presets_router() -> APIRouter:
     """``/presets`` (the built-in catalogue) and the presets of each collection, search and item."""
     router = APIRouter(tags=["Presets"])
 
-    @router.get("/presets", summary="The built-in band presets (SPOT 6/7, Pléiades).")
+    @router.get(
+        "/presets", summary="The built-in band presets (SPOT 6/7, Pléiades).", dependencies=[PUBLIC.depends()]
+    )
     def catalogue(request: Request) -> dict[str, Any]:
         return {"presets": [_describe(request, p, None, False, False) for p in builtin().values()]}
 
     @router.get(
         "/collections/{collection_id}/presets",
         summary="Presets of a collection mosaic: built-in ones its bands allow, and its STAC renders.",
+        dependencies=[METADATA.on("collection").depends()],
     )
     def collection_presets(request: Request, collection_id: str) -> dict[str, Any]:
         ctx = presets_for(request.app.state.dbpool, collection_id=collection_id)
         base = f"{str(request.base_url).rstrip('/')}/collections/{quote(collection_id, safe='')}"
         return {"collection": collection_id, **_listing(request, ctx, base, item=False)}
 
-    @router.get("/searches/{search_id}/presets", summary="Presets of a registered search mosaic.")
+    @router.get(
+        "/searches/{search_id}/presets",
+        summary="Presets of a registered search mosaic.",
+        dependencies=[METADATA.on("search").depends()],
+    )
     def search_presets(request: Request, search_id: str) -> dict[str, Any]:
         ctx = presets_for(request.app.state.dbpool, search_id=search_id)
         base = f"{str(request.base_url).rstrip('/')}/searches/{quote(search_id, safe='')}"
@@ -269,6 +286,7 @@ def presets_router() -> APIRouter:
     @router.get(
         "/collections/{collection_id}/items/{item_id}/presets",
         summary="Presets of one item: its collection's, its own renders, and the built-in ones its bands allow.",
+        dependencies=[METADATA.on("collection").depends()],
     )
     def item_presets(request: Request, collection_id: str, item_id: str) -> dict[str, Any]:
         ctx = presets_for(request.app.state.dbpool, collection_id=collection_id, item_id=item_id)

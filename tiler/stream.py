@@ -52,6 +52,7 @@ from tiler.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from tiler.operations import STREAM
 from tiler.settings import StreamSettings
 from tiler.upstream import headers_for, signer_for
 
@@ -311,7 +312,7 @@ def _who(request: Request) -> str:
 
 def stream_router(settings: StreamSettings) -> APIRouter:
     """The ``/stream/...`` route (GET and HEAD)."""
-    router = APIRouter(tags=["Raw COG streaming"])
+    router = APIRouter(tags=["Raw COG streaming"], dependencies=[STREAM.depends()])
 
     @router.api_route(
         STREAM_PATH,

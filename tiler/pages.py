@@ -1,0 +1,60 @@
+"""Jinja templates (ours first, then titiler-pgstac's and titiler's) and the WMTS layers of each preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from starlette.templating import Jinja2Templates
+
+from tiler.dependencies import PresetContext, native_extent, presets_for
+from tiler.tms import bbox_in_tms
+
+HERE = Path(__file__).parent
+
+
+def templates() -> Jinja2Templates:
+    """The templates of every HTML and XML page (WMTS capabilities, viewers, landing)."""
+    env = jinja2.Environment(
+        autoescape=jinja2.select_autoescape(["html", "xml"]),
+        loader=jinja2.ChoiceLoader(
+            [
+                jinja2.FileSystemLoader(str(HERE / "templates")),
+                jinja2.PackageLoader("titiler.pgstac", "templates"),
+                jinja2.PackageLoader("titiler.core", "templates"),
+            ]
+        ),
+    )
+    # wmts.xml: each layer's BoundingBox in its TileMatrixSet's CRS
+    env.globals["tms_bbox"] = bbox_in_tms
+    env.globals["native_extent"] = native_extent
+    return Jinja2Templates(env=env)
+
+
+def preset_layers(ctx: PresetContext) -> dict[str, dict[str, Any]]:
+    """One WMTS layer per preset the data has: ``?preset=<name>``, zooms from ``minmax_zoom``."""
+    layers: dict[str, dict[str, Any]] = {}
+    for name, preset in ctx.available.items():
+        values: dict[str, Any] = {"preset": name}
+        if preset.minmax_zoom:
+            values["tilematrixsets"] = {"*": preset.minmax_zoom}
+        layers[name] = values
+    return layers
+
+
+def search_layers(src: Any) -> dict:
+    """WMTS layers of a mosaic (``src``: titiler-pgstac's backend): its collections' presets."""
+    return preset_layers(presets_for(src.pool, search_id=src.input))
+
+
+def item_layers(pool_getter: Any) -> Any:
+    """``get_renders`` of the item factory: the WMTS layers of an item (`ItemReader`), its presets."""
+
+    def layers(src: Any) -> dict:
+        item = src.item
+        return preset_layers(
+            presets_for(pool_getter(), collection_id=item.collection_id, item_id=item.id, item=item)
+        )
+
+    return layers

@@ -1,0 +1,39 @@
+"""Process-wide set-up, once per worker: logging, metrics, GDAL's dataset pool, PNG level, credentials."""
+
+from __future__ import annotations
+
+from rio_tiler.profiles import img_profiles
+
+from tiler import datasets
+from tiler.logs import configure_logging, redact_library_logs
+from tiler.metrics import ORIGIN
+from tiler.settings import Settings
+from tiler.upstream import Credential, load_credentials
+
+
+def configure_process(settings: Settings) -> list[Credential]:
+    """Apply ``settings`` to this process and return the upstream credentials (installed by the lifespan).
+
+    Raises ValueError when the settings contradict each other (deadlines, a ``/cog``
+    allow-list overlapping a credential prefix).
+    """
+    settings.check_deadlines()
+    obs = settings.observability
+    configure_logging(fmt=obs.log_format, if_unconfigured=True)  # e.g. under gunicorn
+    redact_library_logs()
+    if obs.metrics_enabled:
+        ORIGIN.enable()
+    datasets.limit_malloc_arenas(settings.reader.malloc_arena_max)
+    datasets.configure(settings.reader.pool_size, settings.reader.pool_per_file, settings.reader.pool_ttl)
+    # titiler's render_image lets rio-tiler's profile win over per-call options: set the level there
+    img_profiles.data["png"]["zlevel"] = settings.reader.png_zlevel
+    credentials = load_credentials(settings.upstream.credentials_file)
+    if settings.cog.enabled:
+        for cred in credentials:
+            for prefix in settings.cog.allowed_prefixes:
+                if cred.prefix.startswith(prefix) or prefix.startswith(cred.prefix):
+                    raise ValueError(
+                        f"TILER_COG_ALLOWED_PREFIXES entry {prefix!r} overlaps an upstream credential prefix: "
+                        "/cog?url= would read protected data with the server's credentials"
+                    )
+    return credentials
