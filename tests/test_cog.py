@@ -17,10 +17,10 @@ from tests.helpers import (
     mercator_tile_centres,
     read_tif,
 )
-from tiler.dependencies import validate_dataset_url
 from tiler.errors import DatasetURLNotAllowed, InvalidDatasetURL
 from tiler.main import create_app
 from tiler.rangeserver import RangeHTTPServer, RangeRequestHandler
+from tiler.urls import validate_dataset_url
 
 PREFIXES = ["https://data.example.org/cogs/", "http://127.0.0.1:8081/"]
 

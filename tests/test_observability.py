@@ -22,7 +22,7 @@ from titiler.pgstac import dependencies as titiler_pgstac_dependencies
 
 from tests.conftest import free_port, make_settings, serve_app
 from tests.helpers import copy_items, lonlat_of_item_centre, mercator_tile
-from tiler import dependencies as tiler_dependencies
+from tiler import catalogue as tiler_catalogue
 from tiler.auth import mint_url_token
 from tiler.concurrency import RenderLimiter
 from tiler.ingest import load
@@ -57,7 +57,7 @@ def forget_pgstac_lookups() -> dict:
     """
     titiler_pgstac_backend.ttl_cache.clear()
     titiler_pgstac_dependencies.ttl_cache.clear()
-    tiler_dependencies._lookups.clear()
+    tiler_catalogue.forget_all()
     return {**MS_RGB, "scan_limit": 10_000 + next(_FRESH)}
 
 

@@ -18,7 +18,6 @@ from typing import Annotated, Any
 from urllib.parse import parse_qsl, quote, urlencode
 
 import morecantile
-from cachetools import LRUCache, cachedmethod
 from fastapi import APIRouter, Body, Depends, HTTPException, Query
 from psycopg import errors as pg_errors
 from pydantic import BaseModel, Field
@@ -43,7 +42,7 @@ from tiler.auth import (
     mint_url_token,
     verify_url_token,
 )
-from tiler.dependencies import presets_for
+from tiler.catalogue import catalogue
 from tiler.operations import ACCOUNT, Operation, declared
 from tiler.settings import AuthSettings
 from tiler.tms import supported_tms
@@ -204,8 +203,6 @@ class Authenticator:
                 groups_claim=settings.groups_claim,
             )
         self.revoked = RevocationList(pool_getter, settings.reload_interval)
-        self._searches: LRUCache = LRUCache(maxsize=4096)
-        self._searches_lock = threading.Lock()
 
     @property
     def policy(self) -> Policy:
@@ -247,24 +244,6 @@ class Authenticator:
             raise InvalidCredentials("This server does not accept URL tokens")
         tok = verify_url_token(token, self.keys, revoked=self.revoked)
         return Principal(user=tok.sub, groups=frozenset(tok.groups), method="url-token", token=tok)
-
-    @cachedmethod(
-        lambda self: self._searches,
-        key=lambda self, pool, search_id: search_id,
-        lock=lambda self: self._searches_lock,
-    )
-    def search_collections(self, pool: Any, search_id: str) -> tuple[str, ...] | None:
-        """Collections a registered search is restricted to (None: unrestricted).
-
-        Raises KeyError for an unknown search. Searches are content-addressed
-        (their id is a hash of the query), so a cached answer never goes stale.
-        """
-        with pool.connection() as conn:
-            row = conn.execute("SELECT search FROM pgstac.searches WHERE hash = %s", (search_id,)).fetchone()
-        if row is None:
-            raise KeyError(search_id)
-        cols = row[0].get("collections") if isinstance(row[0], dict) else None
-        return tuple(cols) if cols else None
 
 
 # --------------------------------------------------------------------------- zoom and size of a request
@@ -385,7 +364,7 @@ def authorize(request: Request) -> None:
         return
     if op.resource == "search" and search_id:
         try:
-            cols = auth.search_collections(request.app.state.dbpool, search_id)
+            cols = catalogue(request.app.state.dbpool).search_restriction(search_id)
         except KeyError:
             raise HTTPException(404, f"SearchId `{search_id}` not found") from None
         if cols is None:
@@ -415,8 +394,7 @@ def allowed_collections(request: Request, operation: str = "metadata") -> list[s
         return None
     principal: Principal = getattr(request.state, "principal", ANONYMOUS)
     policy = auth.policy
-    with request.app.state.dbpool.connection() as conn:
-        ids = [r[0] for r in conn.execute("SELECT id FROM pgstac.collections ORDER BY id").fetchall()]
+    ids = catalogue(request.app.state.dbpool).collection_ids()
     return [c for c in ids if (a := principal.access(policy, c)) is not None and a.allows(operation)]
 
 
@@ -508,7 +486,7 @@ def mint_for(request: Request, req: TokenRequest) -> TokenResponse:
                 raise HTTPException(403, f"Not allowed: collection {c!r}")
     if req.search is not None:
         try:
-            cols = auth.search_collections(request.app.state.dbpool, req.search)
+            cols = catalogue(request.app.state.dbpool).search_restriction(req.search)
         except KeyError:
             raise HTTPException(404, f"SearchId `{req.search}` not found") from None
         for c in cols or ("*",):
@@ -573,9 +551,9 @@ def auth_router() -> APIRouter:
             raise HTTPException(400, "Give exactly one of `collection` or `search`")
         if tms not in supported_tms.list():
             raise HTTPException(400, f"Unknown TileMatrixSet {tms!r}")
-        available = presets_for(
-            request.app.state.dbpool, collection_id=collection, search_id=search
-        ).available
+        available = (
+            catalogue(request.app.state.dbpool).presets(collection_id=collection, search_id=search).available
+        )
         if preset is not None and preset not in available:
             raise HTTPException(400, f"Unknown preset {preset!r}; available: {', '.join(available)}")
         req = TokenRequest(

@@ -1,145 +1,30 @@
-"""FastAPI dependencies: dataset URL allow-list, STAC item and asset lookup, GDAL environment."""
+"""FastAPI dependencies: item, asset and /cog paths, GDAL environment, presets, layers, render, colormap."""
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import socket
-import threading
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
-import numpy as np
 import pystac
-from cachetools import TTLCache
 from fastapi import Depends, Path, Query
 from morecantile.errors import InvalidIdentifier
 from pydantic import AfterValidator
-from rasterio.crs import CRS
 from rio_tiler.colormap import cmap as default_cmap
 from rio_tiler.errors import MissingAssets
 from starlette.requests import Request
 from titiler.core.dependencies import AssetsExprParams, ImageRenderingParams, _parse_asset
 from titiler.core.dependencies import ColorMapParams as TitilerColorMapParams
-from titiler.pgstac.dependencies import ItemIdParams, PgSTACParams, get_stac_item
-from titiler.pgstac.errors import MosaicNotFoundError
+from titiler.pgstac.dependencies import ItemIdParams, PgSTACParams
 from titiler.pgstac.reader import PgSTACReader
 
-from tiler.errors import AssetNotFound, DatasetURLNotAllowed, InvalidDatasetURL
-from tiler.presets import (
-    PansharpenSpec,
-    Preset,
-    Resolved,
-    applicable,
-    band_layout,
-    builtin,
-    common_name,
-    merged,
-)
+from tiler.catalogue import catalogue
+from tiler.presets import PansharpenSpec, PresetContext, Resolved, band_layout, stretch_by_band
 from tiler.presets import get as get_preset
 from tiler.settings import CogSettings, GdalSettings
-from tiler.stats import stretch_range
 from tiler.tms import supported_tms
-
-ALLOWED_SCHEMES = ("http", "https", "s3")
-MAX_URL_LENGTH = 2048
-
-
-def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """Parse ``host`` as an IP literal, in every form libcurl would accept.
-
-    ``2130706433``, ``0x7f.1`` and ``127.1`` are all 127.0.0.1 for a resolver
-    that uses ``inet_aton``; they are parsed the same way here.
-    """
-    h = host.strip("[]")
-    try:
-        return ipaddress.ip_address(h)
-    except ValueError:
-        pass
-    try:
-        return ipaddress.IPv4Address(socket.inet_aton(h))
-    except (OSError, ValueError):
-        return None
-
-
-def _is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return addr.is_global and not addr.is_multicast
-
-
-def _normalize(url: str) -> tuple[str, str, int | None, str]:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port
-    except ValueError as e:
-        raise InvalidDatasetURL("Invalid port in dataset URL") from e
-    host = (parts.hostname or "").lower()
-    return scheme, host, port, parts.path or "/"
-
-
-def validate_dataset_url(
-    url: str,
-    allowed_prefixes: Sequence[str],
-    resolve: Callable[[str], list[str]] | None = None,
-) -> str:
-    """Return ``url`` if it may be opened by GDAL, else raise.
-
-    Rules: http(s) or s3 only; no local path, ``file:``, ``/vsi*`` or inline
-    XML; scheme, host, port and path prefix must match one allowed prefix; a
-    host written as a name must resolve to public addresses only (a private or
-    loopback host must be written as an IP literal in the prefix to be used).
-
-    Raises:
-        InvalidDatasetURL: the value cannot be a remote COG URL (400).
-        DatasetURLNotAllowed: well-formed but not allowed (403).
-
-    """
-    if not url or len(url) > MAX_URL_LENGTH:
-        raise InvalidDatasetURL(f"Dataset URL must be 1 to {MAX_URL_LENGTH} characters")
-    if any(c in url for c in "\r\n\t\x00") or url.lstrip().startswith("<"):
-        raise InvalidDatasetURL("Dataset URL must be a plain URL")
-    if "/vsi" in url.lower() or url.lower().startswith("vsi"):
-        raise InvalidDatasetURL("GDAL virtual file system paths are not accepted")
-    scheme, host, port, path = _normalize(url)
-    if scheme not in ALLOWED_SCHEMES:
-        raise InvalidDatasetURL(f"Dataset URL scheme must be one of {', '.join(ALLOWED_SCHEMES)}")
-    if not host:
-        raise InvalidDatasetURL("Dataset URL has no host")
-    if "@" in urlsplit(url).netloc:
-        raise InvalidDatasetURL("Credentials in the dataset URL are not accepted")
-    if ".." in path.split("/"):
-        raise InvalidDatasetURL("Dataset URL path must not contain '..'")
-
-    for prefix in allowed_prefixes:
-        p_scheme, p_host, p_port, p_path = _normalize(prefix)
-        if (scheme, host, port) != (p_scheme, p_host, p_port):
-            continue
-        if not p_path.endswith("/"):
-            p_path += "/"
-        if path.startswith(p_path) or path + "/" == p_path:
-            break
-    else:
-        raise DatasetURLNotAllowed("Dataset URL is not in the server's allow-list")
-
-    if scheme in ("http", "https") and _ip_literal(host) is None:
-        addrs = (resolve or _resolve)(host)
-        if not addrs or not all(_is_public(ipaddress.ip_address(a)) for a in addrs):
-            raise DatasetURLNotAllowed("Dataset host resolves to a non-public address")
-    return url
-
-
-def _resolve(host: str) -> list[str]:
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except socket.gaierror:
-        return []
-    return [str(info[4][0]).split("%", 1)[0] for info in infos]
+from tiler.urls import refuse_redirects, validate_dataset_url
 
 
 def cog_url_dependency(settings: CogSettings) -> Callable[..., str]:
@@ -160,46 +45,6 @@ def cog_url_dependency(settings: CogSettings) -> Callable[..., str]:
         return url
 
     return DatasetURL
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return None  # surface 3xx as an HTTPError instead of following it
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect, urllib.request.ProxyHandler({}))
-_checked: TTLCache = TTLCache(maxsize=4096, ttl=300)
-_checked_lock = threading.Lock()
-
-
-def refuse_redirects(url: str, timeout: float = 5.0) -> None:
-    """Refuse a URL whose host answers with a redirect (GDAL would follow it anywhere).
-
-    GDAL's HTTP client follows redirects and has no setting to stop it, so a
-    redirect on an allow-listed host (an "open redirect") could point GDAL at
-    a private address. One 1-byte range request, without following
-    redirects, is made to the (already validated) URL before GDAL sees it;
-    good answers are remembered for 5 minutes.
-    """
-    if not url.lower().startswith(("http://", "https://")):
-        return
-    with _checked_lock:
-        if url in _checked:
-            return
-    req = urllib.request.Request(url, headers={"Range": "bytes=0-0"}, method="GET")
-    try:
-        with _OPENER.open(req, timeout=timeout) as resp:
-            resp.read(1)
-    except urllib.error.HTTPError as e:
-        if 300 <= e.code < 400:
-            raise DatasetURLNotAllowed(
-                "Dataset URL answers with a redirect; redirects are not followed"
-            ) from None
-        return  # 4xx/5xx: GDAL will report it (404 -> 4xx, else 502)
-    except (urllib.error.URLError, OSError):
-        return  # unreachable: GDAL will report it as an upstream error
-    with _checked_lock:
-        _checked[url] = True
 
 
 def gdal_env_dependency(settings: GdalSettings) -> Callable[[], dict[str, str | int]]:
@@ -224,18 +69,6 @@ def ItemParams(  # noqa: N802 - titiler naming
     return item
 
 
-def native_extent(request: Request) -> tuple[CRS, tuple[float, float, float, float]] | None:
-    """CRS and bounds (projection extension) of the item this request reads, if any; no I/O."""
-    item = getattr(request.state, "stac_item", None)
-    if item is None:
-        return None
-    try:
-        with PgSTACReader(item) as src:
-            return src.crs, tuple(src.bounds)
-    except MissingAssets:
-        return None
-
-
 def AssetIdParams(  # noqa: N802 - titiler naming
     request: Request,
     collection_id: Annotated[str, Path(description="STAC Collection Identifier")],
@@ -243,27 +76,7 @@ def AssetIdParams(  # noqa: N802 - titiler naming
     asset_id: Annotated[str, Path(description="STAC Asset Identifier")],
 ) -> str:
     """Href of one asset of a pgstac item; 404 when the item or asset does not exist."""
-    return stac_asset(request.app.state.dbpool, collection_id, item_id, asset_id).href
-
-
-def stac_asset(pool: Any, collection_id: str, item_id: str, asset_id: str) -> pystac.Asset:
-    """One asset of a pgstac item, its href absolute; 404 when the item or asset does not exist."""
-    item = get_stac_item(pool, collection_id, item_id)
-    asset = item.assets.get(asset_id)
-    if asset is None:
-        raise AssetNotFound(
-            f"Item '{item_id}' has no asset '{asset_id}' (has: {', '.join(sorted(item.assets))})"
-        )
-    asset.href = asset.get_absolute_href() or asset.href
-    return asset
-
-
-def cached_stac_asset(pool: Any, collection_id: str, item_id: str, asset_id: str) -> pystac.Asset:
-    """`stac_asset`, cached 60 s like the other pgstac lookups (raw streams ask for it per range)."""
-    return _cached(
-        ("asset", collection_id, item_id, asset_id),
-        lambda: stac_asset(pool, collection_id, item_id, asset_id),
-    )
+    return catalogue(request.app.state.dbpool).asset(collection_id, item_id, asset_id).href
 
 
 # --------------------------------------------------------------------------- presets
@@ -287,183 +100,15 @@ class MosaicAssetsParams(PgSTACParams):
     fields: dict = field(init=False, default_factory=lambda: MOSAIC_ITEM_FIELDS)
 
 
-STRETCH_SAMPLE = 200
-_lookups: TTLCache = TTLCache(maxsize=1024, ttl=60)
-_lookups_lock = threading.Lock()
-
-
-def _cached(key: tuple, compute: Callable[[], Any]) -> Any:
-    with _lookups_lock:
-        if key in _lookups:
-            return _lookups[key]
-    value = compute()
-    with _lookups_lock:
-        _lookups[key] = value
-    return value
-
-
-def collection_document(pool: Any, collection_id: str) -> dict | None:
-    """The pgstac collection (cached 60 s)."""
-
-    def fetch() -> dict | None:
-        with pool.connection() as conn:
-            row = conn.execute("SELECT pgstac.get_collection(%s)", (collection_id,)).fetchone()
-        return row[0] if row else None
-
-    return _cached(("collection", collection_id), fetch)
-
-
-def search_collection_ids(pool: Any, search_id: str) -> tuple[str, ...]:
-    """Collections a registered search reads (all collections when it names none)."""
-
-    def fetch() -> tuple[str, ...]:
-        with pool.connection() as conn:
-            row = conn.execute("SELECT search FROM pgstac.searches WHERE hash = %s", (search_id,)).fetchone()
-            if row is None:
-                raise MosaicNotFoundError(f"SearchId `{search_id}` not found")
-            cols = row[0].get("collections") if isinstance(row[0], dict) else None
-            if not cols:
-                cols = [r[0] for r in conn.execute("SELECT id FROM pgstac.collections ORDER BY id")]
-        return tuple(cols)
-
-    return _cached(("search", search_id), fetch)
-
-
-def collection_stretch(
-    pool: Any, collections: Sequence[str], layout: dict[str, str]
-) -> dict[str, tuple[float, float]]:
-    """One 2-98 % stretch per band common name for a mosaic of ``collections``.
-
-    The median, over the newest `STRETCH_SAMPLE` items, of the ``percentile_2`` and
-    ``percentile_98`` that ``tiler ingest`` stored in each item's ``raster:bands``: every tile
-    of the mosaic gets the same contrast, whichever scenes it shows. Cached 60 s.
-    """
-
-    def fetch() -> dict[str, tuple[float, float]]:
-        query = {"collections": list(collections), "limit": STRETCH_SAMPLE, "fields": {"include": ["assets"]}}
-        with pool.connection() as conn:
-            row = conn.execute("SELECT pgstac.search(%s::jsonb)", (json.dumps(query),)).fetchone()
-        items = (row[0] or {}).get("features", []) if row else []
-        return stretch_by_band([it.get("assets") or {} for it in items], layout)
-
-    return _cached(("stretch", tuple(collections), tuple(sorted(layout.items()))), fetch)
-
-
-def stretch_by_band(
-    assets_of_items: Sequence[dict[str, dict]], layout: dict[str, str]
-) -> dict[str, tuple[float, float]]:
-    """Per band common name, the median of the items' stored ``percentile_2`` and ``percentile_98``.
-
-    Only the asset ``layout`` reads each band from counts (a quicklook's 8-bit red is not the
-    multispectral red).
-    """
-    lows: dict[str, list[float]] = {}
-    highs: dict[str, list[float]] = {}
-    for assets in assets_of_items:
-        for key, asset in assets.items():
-            bands = asset.get("eo:bands") or asset.get("bands") or []
-            stretch = stretch_range(asset.get("raster:bands")) or []
-            for band, (lo, hi) in zip(bands, stretch, strict=False):
-                if (name := common_name(band)) and layout.get(name) == key:
-                    lows.setdefault(name, []).append(lo)
-                    highs.setdefault(name, []).append(hi)
-    return {n: (float(np.median(lows[n])), float(np.median(highs[n]))) for n in lows}
-
-
-@dataclass(frozen=True)
-class PresetContext:
-    """The presets of the data a request reads, and what resolving them needs."""
-
-    presets: dict[str, Preset]
-    layout: dict[str, str]
-    asset_keys: tuple[str, ...]
-    collections: tuple[str, ...]
-    mosaic: bool
-    #: the item's assets (items) or the collections' item_assets (mosaics)
-    assets: dict[str, dict] = field(default_factory=dict)
-    item: pystac.Item | None = None
-    #: key of a georeferenced quicklook asset (role ``overview``, with eo:bands), if any
-    quicklook: str | None = None
-
-    @property
-    def available(self) -> dict[str, Preset]:
-        """Presets whose bands exist here, in catalogue order (the first is the default)."""
-        return applicable(self.presets, self.layout, self.asset_keys)
-
-
 def preset_context(request: Request) -> PresetContext:
     """Presets of the item, collection or search in the request path (pgstac lookups cached)."""
     params = request.path_params
-    return presets_for(
-        request.app.state.dbpool,
+    return catalogue(request.app.state.dbpool).presets(
         collection_id=params.get("collection_id"),
         item=getattr(request.state, "stac_item", None),
         item_id=params.get("item_id"),
         search_id=params.get("search_id"),
     )
-
-
-def presets_for(
-    pool: Any,
-    collection_id: str | None = None,
-    item_id: str | None = None,
-    search_id: str | None = None,
-    item: pystac.Item | None = None,
-) -> PresetContext:
-    """Presets of an item, a collection mosaic or a search mosaic (pgstac lookups cached)."""
-    if item_id is not None and collection_id is not None:
-        item = (
-            item if item is not None and item.id == item_id else get_stac_item(pool, collection_id, item_id)
-        )
-        coll = collection_document(pool, collection_id) or {}
-        assets = {k: a.to_dict() for k, a in item.assets.items()}
-        ql = quicklook_key(assets)
-        return PresetContext(
-            presets=merged(coll.get("renders"), item.properties.get("renders")),
-            layout=band_layout({k: a for k, a in assets.items() if k != ql}),
-            asset_keys=tuple(assets),
-            collections=(collection_id,),
-            mosaic=False,
-            assets=assets,
-            item=item,
-            quicklook=ql,
-        )
-    if search_id is not None:
-        collections = search_collection_ids(pool, search_id)
-    elif collection_id is not None:
-        collections = (collection_id,)
-    else:
-        return PresetContext(dict(builtin()), {}, (), (), mosaic=False)
-    docs = [d for c in collections if (d := collection_document(pool, c))]
-    if search_id is None and not docs:
-        raise MosaicNotFoundError(f"CollectionId `{collection_id}` not found")
-    item_assets: dict[str, dict] = {}
-    renders: dict[str, Any] = {}
-    for doc in reversed(docs):  # the first collection wins
-        item_assets.update(doc.get("item_assets") or {})
-        renders.update(doc.get("renders") or {})
-    ql = quicklook_key(item_assets)
-    return PresetContext(
-        merged(renders),
-        band_layout({k: a for k, a in item_assets.items() if k != ql}),
-        tuple(item_assets),
-        tuple(collections),
-        mosaic=True,
-        assets=item_assets,
-        quicklook=ql,
-    )
-
-
-def quicklook_key(assets: dict[str, dict]) -> str | None:
-    """The asset to read instead of the COGs at small scales: role ``overview``, bands by common name."""
-    for key, asset in assets.items():
-        if "overview" in (asset.get("roles") or []) and any(
-            common_name(b) for b in asset.get("eo:bands") or asset.get("bands") or []
-        ):
-            media = (asset.get("type") or "").lower()
-            if not media or media.startswith("image/tiff"):
-                return key
-    return None
 
 
 def below_cheap_zoom(request: Request, ctx: PresetContext) -> bool:
@@ -480,7 +125,7 @@ def below_cheap_zoom(request: Request, ctx: PresetContext) -> bool:
         with PgSTACReader(ctx.item, tms=tms) as src:
             minzoom = src.minzoom
     else:
-        zooms = collection_zooms(request.app.state.dbpool, ctx.collections, tms)
+        zooms = catalogue(request.app.state.dbpool).zooms(ctx.collections, tms)
         if zooms is None:
             return False
         minzoom = zooms[0]
@@ -509,7 +154,7 @@ def resolve_preset(request: Request, name: str | None) -> Resolved | None:
         stretch = (
             stretch_by_band([ctx.assets], layout)
             if not ctx.mosaic
-            else collection_stretch(request.app.state.dbpool, ctx.collections, layout)
+            else catalogue(request.app.state.dbpool).stretch(ctx.collections, layout)
         )
         if stretch and all(b in stretch for b in resolved.output_bands):
             resolved = replace(resolved, rescale=tuple(stretch[b] for b in resolved.output_bands))
@@ -615,62 +260,3 @@ def ColorMapParams(  # noqa: N802 - titiler naming
     if preset_values.colormap:
         return TitilerColorMapParams(colormap_name=None, colormap=preset_values.colormap)
     return None
-
-
-def data_zooms(pool: Any, search_id: str, tms: Any) -> tuple[int, int] | None:
-    """Zoom range of a search mosaic in ``tms`` (see `collection_zooms`)."""
-    return collection_zooms(pool, search_collection_ids(pool, search_id), tms)
-
-
-def collection_zooms(pool: Any, collections: Sequence[str], tms: Any) -> tuple[int, int] | None:
-    """Zoom range of a mosaic of ``collections`` in ``tms``, from its newest item (rio-tiler's rule).
-
-    maxzoom: the zoom whose resolution matches the item's finest asset (the pan band);
-    minzoom: the zoom where the item's coarsest overview fits one tile. Needs the
-    projection extension on the item; None without it. Cached 60 s.
-    """
-
-    def fetch() -> tuple[int, int] | None:
-        query = {
-            "collections": list(collections),
-            "limit": 1,
-            "sortby": [{"field": "datetime", "direction": "desc"}],
-        }
-        with pool.connection() as conn:
-            row = conn.execute("SELECT pgstac.search(%s::jsonb)", (json.dumps(query),)).fetchone()
-        features = (row[0] or {}).get("features", []) if row else []
-        if not features:
-            return None
-        item = pystac.Item.from_dict(features[0])
-        try:
-            with PgSTACReader(item, tms=tms) as src:
-                if src.crs is None or src.transform is None:
-                    return None
-                return int(src.minzoom), int(src.maxzoom)
-        except (MissingAssets, ValueError):
-            return None
-
-    return _cached(("zooms", tuple(collections), tms.id), fetch)
-
-
-def newest_item(pool: Any, search_id: str) -> tuple[str, str] | None:
-    """(collection/id, datetime) of the newest item of a search mosaic (cached 60 s), for ETags."""
-
-    def fetch() -> tuple[str, str] | None:
-        collections = search_collection_ids(pool, search_id)
-        query = {
-            "collections": list(collections),
-            "limit": 1,
-            "sortby": [{"field": "datetime", "direction": "desc"}],
-            "fields": {"include": ["id", "collection", "properties.datetime", "properties.updated"]},
-        }
-        with pool.connection() as conn:
-            row = conn.execute("SELECT pgstac.search(%s::jsonb)", (json.dumps(query),)).fetchone()
-        features = (row[0] or {}).get("features", []) if row else []
-        if not features:
-            return None
-        f = features[0]
-        props = f.get("properties") or {}
-        return f"{f.get('collection')}/{f.get('id')}", str(props.get("updated") or props.get("datetime"))
-
-    return _cached(("newest", search_id), fetch)

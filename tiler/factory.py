@@ -25,7 +25,7 @@ from titiler.core.resources.enums import ImageType
 
 from tiler import __version__
 from tiler.cache import not_modified, picture_params
-from tiler.dependencies import collection_document, newest_item, search_collection_ids
+from tiler.catalogue import catalogue
 
 WEB_MERCATOR = CRS.from_epsg(3857)
 
@@ -163,7 +163,7 @@ class mosaicThumbnailExtension(FactoryExtension):  # noqa: N801 - titiler naming
         ) -> Response:
             fmt = ImageType[format]
             pool = request.app.state.dbpool
-            newest = newest_item(pool, src_path)
+            newest = catalogue(pool).newest_item(src_path)
             etag = _etag(
                 __version__,
                 src_path,
@@ -215,8 +215,9 @@ def data_extent(pool: Any, search_id: str, bounds: Any) -> tuple[float, float, f
     """
     west, south, east, north = (float(v) for v in bounds)
     boxes = []
-    for collection in search_collection_ids(pool, search_id):
-        doc = collection_document(pool, collection) or {}
+    cat = catalogue(pool)
+    for collection in cat.search_collection_ids(search_id):
+        doc = cat.collection(collection) or {}
         bbox = ((doc.get("extent") or {}).get("spatial") or {}).get("bbox") or []
         if bbox and len(bbox[0]) >= 4:
             b = bbox[0]

@@ -40,6 +40,7 @@ from titiler.pgstac.factory import MosaicTilerFactory, add_search_list_route, ad
 from tiler import __version__
 from tiler.access import Authenticator, UrlTokenMiddleware, auth_router, authorize, restricted_search_params
 from tiler.cache import CachedRoute, CachePolicyMiddleware, tile_cache
+from tiler.catalogue import catalogue
 from tiler.concurrency import RenderLimiter, render_slot
 from tiler.deadline import DeadlineMiddleware
 from tiler.dependencies import (
@@ -50,7 +51,6 @@ from tiler.dependencies import (
     RenderParams,
     cog_url_dependency,
     gdal_env_dependency,
-    search_collection_ids,
 )
 from tiler.errors import register_error_handlers
 from tiler.factory import mosaicThumbnailExtension, thumbnailExtension
@@ -212,7 +212,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         CollectionIdParams,
         "/collections/{collection_id}",
         "collection",
-        lambda search_id: "+".join(search_collection_ids(app.state.dbpool, search_id)),
+        lambda search_id: "+".join(catalogue(app.state.dbpool).search_collection_ids(search_id)),
     )
     app.include_router(collections.router, tags=["STAC Collection"], prefix="/collections/{collection_id}")
     conforms_to |= collections.conforms_to

@@ -6,12 +6,29 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from rasterio.crs import CRS
+from rio_tiler.errors import MissingAssets
+from starlette.requests import Request
 from starlette.templating import Jinja2Templates
+from titiler.pgstac.reader import PgSTACReader
 
-from tiler.dependencies import PresetContext, native_extent, presets_for
+from tiler.catalogue import catalogue
+from tiler.presets import PresetContext
 from tiler.tms import bbox_in_tms
 
 HERE = Path(__file__).parent
+
+
+def native_extent(request: Request) -> tuple[CRS, tuple[float, float, float, float]] | None:
+    """CRS and bounds (projection extension) of the item this request reads, if any; no I/O."""
+    item = getattr(request.state, "stac_item", None)
+    if item is None:
+        return None
+    try:
+        with PgSTACReader(item) as src:
+            return src.crs, tuple(src.bounds)
+    except MissingAssets:
+        return None
 
 
 def templates() -> Jinja2Templates:
@@ -45,7 +62,7 @@ def preset_layers(ctx: PresetContext) -> dict[str, dict[str, Any]]:
 
 def search_layers(src: Any) -> dict:
     """WMTS layers of a mosaic (``src``: titiler-pgstac's backend): its collections' presets."""
-    return preset_layers(presets_for(src.pool, search_id=src.input))
+    return preset_layers(catalogue(src.pool).presets(search_id=src.input))
 
 
 def item_layers(pool_getter: Any) -> Any:
@@ -54,7 +71,7 @@ def item_layers(pool_getter: Any) -> Any:
     def layers(src: Any) -> dict:
         item = src.item
         return preset_layers(
-            presets_for(pool_getter(), collection_id=item.collection_id, item_id=item.id, item=item)
+            catalogue(pool_getter()).presets(collection_id=item.collection_id, item_id=item.id, item=item)
         )
 
     return layers

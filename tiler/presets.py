@@ -25,13 +25,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import yaml
 from titiler.extensions.render import _adapt_render_for_v2
 
 from tiler.errors import InvalidPreset, PresetNotFound
 from tiler.pansharpen import _platform_key
+from tiler.stats import stretch_range
+
+if TYPE_CHECKING:
+    import pystac
 
 CATALOGUE_FILE = Path(__file__).with_name("presets.yaml")
 
@@ -393,3 +398,57 @@ def get(presets: Mapping[str, Preset], name: str) -> Preset:
         raise PresetNotFound(
             f"Unknown preset {name!r}; available here: {', '.join(presets) or 'none'}"
         ) from None
+
+
+def stretch_by_band(
+    assets_of_items: Sequence[dict[str, dict]], layout: dict[str, str]
+) -> dict[str, tuple[float, float]]:
+    """Per band common name, the median of the items' stored ``percentile_2`` and ``percentile_98``.
+
+    Only the asset ``layout`` reads each band from counts (a quicklook's 8-bit red is not the
+    multispectral red).
+    """
+    lows: dict[str, list[float]] = {}
+    highs: dict[str, list[float]] = {}
+    for assets in assets_of_items:
+        for key, asset in assets.items():
+            bands = asset.get("eo:bands") or asset.get("bands") or []
+            stretch = stretch_range(asset.get("raster:bands")) or []
+            for band, (lo, hi) in zip(bands, stretch, strict=False):
+                if (name := common_name(band)) and layout.get(name) == key:
+                    lows.setdefault(name, []).append(lo)
+                    highs.setdefault(name, []).append(hi)
+    return {n: (float(np.median(lows[n])), float(np.median(highs[n]))) for n in lows}
+
+
+@dataclass(frozen=True)
+class PresetContext:
+    """The presets of the data a request reads, and what resolving them needs."""
+
+    presets: dict[str, Preset]
+    layout: dict[str, str]
+    asset_keys: tuple[str, ...]
+    collections: tuple[str, ...]
+    mosaic: bool
+    #: the item's assets (items) or the collections' item_assets (mosaics)
+    assets: dict[str, dict] = field(default_factory=dict)
+    item: pystac.Item | None = None
+    #: key of a georeferenced quicklook asset (role ``overview``, with eo:bands), if any
+    quicklook: str | None = None
+
+    @property
+    def available(self) -> dict[str, Preset]:
+        """Presets whose bands exist here, in catalogue order (the first is the default)."""
+        return applicable(self.presets, self.layout, self.asset_keys)
+
+
+def quicklook_key(assets: dict[str, dict]) -> str | None:
+    """The asset to read instead of the COGs at small scales: role ``overview``, bands by common name."""
+    for key, asset in assets.items():
+        if "overview" in (asset.get("roles") or []) and any(
+            common_name(b) for b in asset.get("eo:bands") or asset.get("bands") or []
+        ):
+            media = (asset.get("type") or "").lower()
+            if not media or media.startswith("image/tiff"):
+                return key
+    return None

@@ -31,8 +31,8 @@ from titiler.pgstac.backend import PGSTACBackend
 from titiler.pgstac.reader import PgSTACReader, SimpleSTACReader
 
 from tiler import deadline
+from tiler.catalogue import catalogue
 from tiler.deadline import Budget
-from tiler.dependencies import data_zooms
 from tiler.errors import InvalidPansharpenParameters
 from tiler.pansharpen import brovey
 from tiler.presets import PansharpenSpec
@@ -269,7 +269,7 @@ class MosaicBackend(PGSTACBackend):
     """titiler-pgstac's backend whose zoom range comes from the data, not the whole TMS.
 
     A search registered with ``minzoom``/``maxzoom`` metadata keeps them; otherwise the
-    range is that of the mosaic's newest item (`tiler.dependencies.data_zooms`), so a TileJSON
+    range is that of the mosaic's newest item (`tiler.catalogue.Catalogue.search_zooms`), so a TileJSON
     client does not ask for zoom 0-24 over the world. It is built in the request's thread and
     passes the request's `tiler.deadline.Budget` to the item readers.
     """
@@ -284,7 +284,7 @@ class MosaicBackend(PGSTACBackend):
             parent()
 
     def _zooms(self) -> tuple[int, int] | None:
-        return data_zooms(self.pool, self.input, self.tms)
+        return catalogue(self.pool).search_zooms(self.input, self.tms)
 
     @property
     def minzoom(self) -> int:  # type: ignore[override]

@@ -21,29 +21,13 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+
+from tiler.urls import display_url, no_redirect_opener
 
 logger = logging.getLogger(__name__)
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A 3xx is an answer: do not follow it (the target may be another host)."""
-
-    def redirect_request(self, *args, **kwargs):  # noqa: D102
-        return None
-
-
-_opener = urllib.request.build_opener(_NoRedirect(), urllib.request.ProxyHandler())
-
-
-def display_url(url: str) -> str:
-    """``url`` without user info, query or fragment (they may carry secrets)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+_opener = no_redirect_opener()  # the environment's proxies, as before
 
 
 @dataclass(frozen=True)

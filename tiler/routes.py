@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlencode
 
@@ -14,9 +13,9 @@ from titiler.core.resources.enums import ImageType
 from titiler.core.utils import tms_limits
 
 from tiler.access import allowed_collections
-from tiler.dependencies import PresetContext, collection_document, collection_zooms, presets_for
+from tiler.catalogue import catalogue
 from tiler.operations import CATALOGUE, METADATA, PUBLIC
-from tiler.presets import Preset, builtin
+from tiler.presets import Preset, PresetContext, builtin
 from tiler.tms import supported_tms
 
 LEGEND_SIZE = {"width": 256, "height": 20}
@@ -69,8 +68,7 @@ def _listing(request: Request, ctx: PresetContext, base: str, item: bool) -> dic
 def _visible(request: Request, operation: str = "tiles") -> list[str]:
     visible = allowed_collections(request, operation)
     if visible is None:
-        with request.app.state.dbpool.connection() as conn:
-            visible = [r[0] for r in conn.execute("SELECT id FROM pgstac.collections ORDER BY id")]
+        visible = catalogue(request.app.state.dbpool).collection_ids()
     return visible
 
 
@@ -91,7 +89,7 @@ def catalogue_router(templates: Jinja2Templates) -> APIRouter:
         root = str(request.base_url).rstrip("/")
         out = []
         for cid in _visible(request):
-            doc = collection_document(pool, cid) or {}
+            doc = catalogue(pool).collection(cid) or {}
             base = f"{root}/collections/{quote(cid, safe='')}"
             out.append(
                 {
@@ -143,12 +141,11 @@ def catalogue_router(templates: Jinja2Templates) -> APIRouter:
             if len(values) != 4:
                 raise HTTPException(400, "bbox must be minx,miny,maxx,maxy")
             query["bbox"] = values
-        if collection_document(request.app.state.dbpool, collection_id) is None:
+        cat = catalogue(request.app.state.dbpool)
+        if cat.collection(collection_id) is None:
             raise HTTPException(404, f"Collection {collection_id!r} not found")
-        with request.app.state.dbpool.connection() as conn:
-            row = conn.execute("SELECT pgstac.search(%s::jsonb)", (json.dumps(query),)).fetchone()
+        features = cat.search_items(query)
         root = str(request.base_url).rstrip("/")
-        features = (row[0] or {}).get("features", []) if row else []
         return {
             "collection": collection_id,
             "items": [
@@ -212,13 +209,13 @@ def catalogue_router(templates: Jinja2Templates) -> APIRouter:
         root = str(request.base_url).rstrip("/")
         layers: list[dict[str, Any]] = []
         for cid in visible:
-            doc = collection_document(pool, cid) or {}
+            doc = catalogue(pool).collection(cid) or {}
             bbox = ((doc.get("extent") or {}).get("spatial") or {}).get("bbox") or [[-180, -90, 180, 90]]
             bounds = [float(v) for v in bbox[0][:4]]
-            available = presets_for(pool, collection_id=cid).available
+            available = catalogue(pool).presets(collection_id=cid).available
             for tms_id in grids:
                 tms = supported_tms.get(tms_id)
-                zooms = collection_zooms(pool, (cid,), tms) or (tms.minzoom, tms.maxzoom)
+                zooms = catalogue(pool).zooms((cid,), tms) or (tms.minzoom, tms.maxzoom)
                 for name, preset in available.items():
                     layer_zooms = preset.minmax_zoom or zooms
                     layers.append(
@@ -260,7 +257,7 @@ def presets_router() -> APIRouter:
     @router.get(
         "/presets", summary="The built-in band presets (SPOT 6/7, Pléiades).", dependencies=[PUBLIC.depends()]
     )
-    def catalogue(request: Request) -> dict[str, Any]:
+    def builtin_presets(request: Request) -> dict[str, Any]:
         return {"presets": [_describe(request, p, None, False, False) for p in builtin().values()]}
 
     @router.get(
@@ -269,7 +266,7 @@ def presets_router() -> APIRouter:
         dependencies=[METADATA.on("collection").depends()],
     )
     def collection_presets(request: Request, collection_id: str) -> dict[str, Any]:
-        ctx = presets_for(request.app.state.dbpool, collection_id=collection_id)
+        ctx = catalogue(request.app.state.dbpool).presets(collection_id=collection_id)
         base = f"{str(request.base_url).rstrip('/')}/collections/{quote(collection_id, safe='')}"
         return {"collection": collection_id, **_listing(request, ctx, base, item=False)}
 
@@ -279,7 +276,7 @@ def presets_router() -> APIRouter:
         dependencies=[METADATA.on("search").depends()],
     )
     def search_presets(request: Request, search_id: str) -> dict[str, Any]:
-        ctx = presets_for(request.app.state.dbpool, search_id=search_id)
+        ctx = catalogue(request.app.state.dbpool).presets(search_id=search_id)
         base = f"{str(request.base_url).rstrip('/')}/searches/{quote(search_id, safe='')}"
         return {"search": search_id, **_listing(request, ctx, base, item=False)}
 
@@ -289,7 +286,7 @@ def presets_router() -> APIRouter:
         dependencies=[METADATA.on("collection").depends()],
     )
     def item_presets(request: Request, collection_id: str, item_id: str) -> dict[str, Any]:
-        ctx = presets_for(request.app.state.dbpool, collection_id=collection_id, item_id=item_id)
+        ctx = catalogue(request.app.state.dbpool).presets(collection_id=collection_id, item_id=item_id)
         base = (
             f"{str(request.base_url).rstrip('/')}/collections/{quote(collection_id, safe='')}"
             f"/items/{quote(item_id, safe='')}"
