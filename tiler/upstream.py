@@ -23,14 +23,11 @@ href is signed again with ``refresh=True`` and the open retried once.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
-import glob
 import importlib
 import logging
 import os
 import re
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +45,7 @@ from rasterio.windows import bounds as window_bounds
 from rio_tiler.io import Reader
 from rio_tiler.models import ImageData
 
+from tiler import native
 from tiler.auth import PolicyError, load_document
 from tiler.datasets import POOL
 from tiler.deadline import Budget
@@ -131,26 +129,6 @@ def gdal_path(prefix: str) -> str:
     return "/vsicurl/" + prefix
 
 
-@functools.cache
-def _gdal_lib() -> ctypes.CDLL:
-    """Rasterio's own libgdal (its wheel bundles one), else the system one."""
-    here = Path(rasterio.__file__).parent
-    candidates = sorted(glob.glob(str(here.parent / "rasterio.libs" / "libgdal*"))) or ["libgdal.so"]
-    return ctypes.CDLL(candidates[0])
-
-
-_lib_lock = threading.Lock()
-
-
-def set_path_option(path: str, key: str, value: str | None) -> None:
-    """``VSISetPathSpecificOption`` in the GDAL that rasterio uses."""
-    with _lib_lock:
-        fn = _gdal_lib().VSISetPathSpecificOption
-        fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p]
-        fn.restype = None
-        fn(path.encode(), key.encode(), value.encode() if value is not None else None)
-
-
 def clear_http_cache(prefix: str | None = None) -> None:
     """Forget what GDAL cached about remote files (all, or those under ``prefix``).
 
@@ -159,15 +137,7 @@ def clear_http_cache(prefix: str | None = None) -> None:
     files (`tiler.datasets.POOL`) are closed too.
     """
     POOL.discard(prefix)
-    with _lib_lock:
-        lib = _gdal_lib()
-        if prefix is None:
-            lib.VSICurlClearCache.restype = None
-            lib.VSICurlClearCache()
-        else:
-            fn = lib.VSICurlPartialClearCache
-            fn.argtypes, fn.restype = [ctypes.c_char_p], None
-            fn(gdal_path(prefix).encode())
+    native.clear_curl_cache(gdal_path(prefix) if prefix is not None else None)
 
 
 def install(credentials: list[Credential]) -> None:
@@ -176,11 +146,11 @@ def install(credentials: list[Credential]) -> None:
         clear_http_cache(cred.prefix)
         path = gdal_path(cred.prefix)
         if cred.headers:
-            set_path_option(
+            native.set_path_option(
                 path, "GDAL_HTTP_HEADERS", "\r\n".join(f"{k}: {v}" for k, v in cred.headers.items())
             )
         for k, v in cred.options.items():
-            set_path_option(path, k, v)
+            native.set_path_option(path, k, v)
         logger.info("upstream credentials installed for %s", cred.prefix)
 
 
@@ -190,9 +160,9 @@ def uninstall(credentials: list[Credential]) -> None:
         path = gdal_path(cred.prefix)
         clear_http_cache(cred.prefix)
         if cred.headers:
-            set_path_option(path, "GDAL_HTTP_HEADERS", None)
+            native.set_path_option(path, "GDAL_HTTP_HEADERS", None)
         for k in cred.options:
-            set_path_option(path, k, None)
+            native.set_path_option(path, k, None)
 
 
 # --------------------------------------------------------------------------- signing readers
