@@ -180,11 +180,11 @@ def test_expired_signature_is_refreshed_once(upstream_client, sample, archive):
 
 def test_low_zoom_tile_through_a_signer(upstream_client, sample, archive, monkeypatch):
     """Low-zoom tiles (a footprint sub-window, see test_lowzoom) keep the re-sign and the clean 502."""
-    import tiler.upstream
+    import tiler.lowzoom
 
     taken = []
-    real = tiler.upstream._paste
-    monkeypatch.setattr(tiler.upstream, "_paste", lambda *a: taken.append(1) or real(*a))
+    real = tiler.lowzoom._paste
+    monkeypatch.setattr(tiler.lowzoom, "_paste", lambda *a: taken.append(1) or real(*a))
     c = upstream_client
     SIGNER.update(current="w1", cache={}, calls=[])
     archive.accepted = "w1"

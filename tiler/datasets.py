@@ -22,14 +22,14 @@ reopens (`tiler.upstream.SigningReader`), and the expired dataset is closed.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import sys
 import threading
 import time
 from collections import OrderedDict
 from typing import Any
+
+from tiler import native
 
 logger = logging.getLogger(__name__)
 
@@ -133,10 +133,6 @@ def configure(max_open: int, per_file: int, ttl: float) -> DatasetPool:
     return POOL
 
 
-#: glibc's mallopt parameter number of M_ARENA_MAX (malloc.h)
-_M_ARENA_MAX = -8
-
-
 def limit_malloc_arenas(n: int) -> bool:
     """Cap glibc's malloc arenas of this process at ``n`` (0: leave glibc's default).
 
@@ -146,8 +142,4 @@ def limit_malloc_arenas(n: int) -> bool:
     """
     if n <= 0 or not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_ARENA_MAX, n))
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
+    return native.set_malloc_arena_max(n)

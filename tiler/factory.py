@@ -7,7 +7,8 @@ that catalogues revalidate instead of downloading it again.
 
 import hashlib
 import json
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 import rasterio
@@ -16,6 +17,7 @@ from fastapi import Depends, Query
 from rasterio.crs import CRS
 from rasterio.io import MemoryFile
 from rio_tiler.constants import WGS84_CRS
+from rio_tiler.models import ImageData
 from rio_tiler.utils import render
 from starlette.requests import Request
 from starlette.responses import Response
@@ -69,13 +71,7 @@ class thumbnailExtension(FactoryExtension):  # noqa: N801 - titiler naming
     def register(self, factory: Any) -> None:
         """Add the route to ``factory`` (a `MultiBaseTilerFactory` over `tiler.reader.ItemReader`)."""
 
-        @factory.router.get(
-            "/thumbnail.{format}",
-            response_class=Response,
-            responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, 304: {}},
-            summary="Thumbnail of the item for catalogues (footprint only, aspect kept, ETag).",
-            operation_id=f"{factory.operation_prefix}getThumbnail",
-        )
+        @_route(factory, "Thumbnail of the item for catalogues (footprint only, aspect kept, ETag).")
         def thumbnail(
             request: Request,
             format: THUMBNAIL_FORMATS,  # noqa: A002 - titiler naming
@@ -91,24 +87,11 @@ class thumbnailExtension(FactoryExtension):  # noqa: N801 - titiler naming
             background: BackgroundParam = "transparent",
         ) -> Response:
             item = src_path
-            fmt = ImageType[format]
-            etag = _etag(
-                __version__,
-                item.collection_id,
-                item.id,
-                item.properties.get("updated") or item.properties.get("datetime"),
-                picture_params(request),
-                fmt.value,
-                layer_params.as_dict(),
-                render_params.as_dict(),
-            )
-            headers = {"ETag": etag}
-            if not_modified(request, etag):
-                return Response(status_code=304, headers=headers)
-            with rasterio.Env(**env):
+
+            def read() -> ImageData:
                 with factory.reader(item, **reader_params.as_dict()) as src:
                     dst_crs = src.crs if src.crs is not None and src.crs != WGS84_CRS else CRS.from_epsg(3857)
-                    image = src.feature(
+                    return src.feature(
                         item.geometry,
                         shape_crs=WGS84_CRS,
                         dst_crs=dst_crs,
@@ -116,9 +99,14 @@ class thumbnailExtension(FactoryExtension):  # noqa: N801 - titiler naming
                         **layer_params.as_dict(),
                         **dataset_params.as_dict(),
                     )
-            if post_process:
-                image = post_process(image)
-            return _picture(factory, image, fmt, background, colormap, render_params, headers)
+
+            version = (
+                item.collection_id,
+                item.id,
+                item.properties.get("updated") or item.properties.get("datetime"),
+            )
+            picture = _Picture(format, layer_params, render_params, post_process, colormap, background)
+            return _thumbnail(factory, request, version, read, env, picture)
 
 
 #: Items read at most for a mosaic thumbnail (newest first, stop when the extent is covered).
@@ -137,13 +125,7 @@ class mosaicThumbnailExtension(FactoryExtension):  # noqa: N801 - titiler naming
     def register(self, factory: Any) -> None:
         """Add the route to ``factory`` (a titiler-pgstac `MosaicTilerFactory`)."""
 
-        @factory.router.get(
-            "/thumbnail.{format}",
-            response_class=Response,
-            responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, 304: {}},
-            summary="Thumbnail of the mosaic over its extent (aspect kept, ETag).",
-            operation_id=f"{factory.operation_prefix}getThumbnail",
-        )
+        @_route(factory, "Thumbnail of the mosaic over its extent (aspect kept, ETag).")
         def thumbnail(
             request: Request,
             format: THUMBNAIL_FORMATS,  # noqa: A002 - titiler naming
@@ -161,26 +143,13 @@ class mosaicThumbnailExtension(FactoryExtension):  # noqa: N801 - titiler naming
             size: SizeParam = 256,
             background: BackgroundParam = "transparent",
         ) -> Response:
-            fmt = ImageType[format]
             pool = request.app.state.dbpool
-            newest = catalogue(pool).newest_item(src_path)
-            etag = _etag(
-                __version__,
-                src_path,
-                newest,
-                picture_params(request),
-                fmt.value,
-                layer_params.as_dict(),
-                render_params.as_dict(),
-            )
-            headers = {"ETag": etag}
-            if not_modified(request, etag):
-                return Response(status_code=304, headers=headers)
-            options = assets_accessor_params.as_dict()
-            options["items_limit"] = min(
-                options.get("items_limit") or MOSAIC_THUMBNAIL_ITEMS, MOSAIC_THUMBNAIL_ITEMS
-            )
-            with rasterio.Env(**env):
+
+            def read() -> ImageData:
+                options = assets_accessor_params.as_dict()
+                options["items_limit"] = min(
+                    options.get("items_limit") or MOSAIC_THUMBNAIL_ITEMS, MOSAIC_THUMBNAIL_ITEMS
+                )
                 with factory.backend(
                     src_path,
                     reader=factory.dataset_reader,
@@ -197,9 +166,11 @@ class mosaicThumbnailExtension(FactoryExtension):  # noqa: N801 - titiler naming
                         **layer_params.as_dict(),
                         **dataset_params.as_dict(),
                     )
-            if post_process:
-                image = post_process(image)
-            return _picture(factory, image, fmt, background, colormap, render_params, headers)
+                return image
+
+            version = (src_path, catalogue(pool).newest_item(src_path))
+            picture = _Picture(format, layer_params, render_params, post_process, colormap, background)
+            return _thumbnail(factory, request, version, read, env, picture)
 
 
 #: Latitudes Web Mercator can show.
@@ -233,22 +204,59 @@ def data_extent(pool: Any, search_id: str, bounds: Any) -> tuple[float, float, f
     return west, south, east, north
 
 
-def _picture(
+def _route(factory: Any, summary: str) -> Callable:
+    """The ``GET /thumbnail.{format}`` route decorator of ``factory`` (both extensions)."""
+    return factory.router.get(
+        "/thumbnail.{format}",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, 304: {}},
+        summary=summary,
+        operation_id=f"{factory.operation_prefix}getThumbnail",
+    )
+
+
+class _Picture(NamedTuple):
+    """What the picture is made of: the parameters both thumbnail routes take."""
+
+    format: str
+    layer_params: Any
+    render_params: Any
+    post_process: Any
+    colormap: Any
+    background: str
+
+
+def _thumbnail(
     factory: Any,
-    image: Any,
-    fmt: ImageType,
-    background: str,
-    colormap: Any,
-    render_params: Any,
-    headers: dict,
+    request: Request,
+    version: tuple,
+    read: Callable[[], ImageData],
+    env: dict,
+    picture: _Picture,
 ) -> Response:
-    if background == "transparent" and fmt in (ImageType.png, ImageType.webp):
+    """A thumbnail response: 304 when the ETag matches, else ``read()`` under ``env``, rendered.
+
+    The ETag covers the server version, ``version`` (what identifies the data and its
+    state), the picture's query parameters, the format, the layer and the rendering.
+    Outside the data the picture is transparent (PNG, WebP) or composited on white.
+    """
+    fmt = ImageType[picture.format]
+    render = picture.render_params.as_dict()
+    etag = _etag(
+        __version__, *version, picture_params(request), fmt.value, picture.layer_params.as_dict(), render
+    )
+    headers = {"ETag": etag}
+    if not_modified(request, etag):
+        return Response(status_code=304, headers=headers)
+    with rasterio.Env(**env):
+        image = read()
+    if picture.post_process:
+        image = picture.post_process(image)
+    if picture.background == "transparent" and fmt in (ImageType.png, ImageType.webp):
         content, media_type = factory.render_func(
-            image, output_format=fmt, colormap=colormap, **render_params.as_dict()
+            image, output_format=fmt, colormap=picture.colormap, **render
         )
     else:
-        png, _ = factory.render_func(
-            image, output_format=ImageType.png, colormap=colormap, **render_params.as_dict()
-        )
+        png, _ = factory.render_func(image, output_format=ImageType.png, colormap=picture.colormap, **render)
         content, media_type = _on_white(png, fmt), fmt.mediatype
     return Response(content, media_type=media_type, headers=headers)

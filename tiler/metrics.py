@@ -14,7 +14,6 @@ values in files there and ``/metrics`` sums every worker's.
 
 from __future__ import annotations
 
-import ctypes
 import hmac
 import ipaddress
 import json
@@ -45,6 +44,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tiler import native
 from tiler.logs import REQUEST_ID
 from tiler.operations import SELF_GUARDED
 from tiler.settings import ObservabilitySettings
@@ -180,32 +180,12 @@ class OriginStats:
 
     def enable(self) -> None:
         """Ask GDAL to count (a global config option of rasterio's libgdal)."""
-        from tiler.upstream import _gdal_lib
-
-        lib = _gdal_lib()
-        fn = lib.CPLSetConfigOption
-        fn.argtypes, fn.restype = [ctypes.c_char_p, ctypes.c_char_p], None
-        fn(b"CPL_VSIL_NETWORK_STATS_ENABLED", b"YES")
+        native.set_config_option("CPL_VSIL_NETWORK_STATS_ENABLED", "YES")
         self.enabled = True
 
     def _read_and_reset(self) -> dict:
-        from tiler.upstream import _gdal_lib
-
-        lib = _gdal_lib()
-        get = lib.VSINetworkStatsGetAsSerializedJSON
-        get.argtypes, get.restype = [ctypes.c_void_p], ctypes.c_void_p
-        free = lib.VSIFree
-        free.argtypes, free.restype = [ctypes.c_void_p], None
-        reset = lib.VSINetworkStatsReset
-        reset.argtypes, reset.restype = [], None
-        ptr = get(None)
-        reset()
-        if not ptr:
-            return {}
-        try:
-            return json.loads(ctypes.string_at(ptr).decode("utf-8", "replace"))
-        finally:
-            free(ptr)
+        text = native.take_network_stats()
+        return json.loads(text) if text is not None else {}
 
     def harvest(self, force: bool = True) -> None:
         """Add what GDAL counted since the last harvest to the counters."""

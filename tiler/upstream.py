@@ -23,36 +23,28 @@ href is signed again with ``refresh=True`` and the open retried once.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
-import glob
 import importlib
 import logging
 import os
 import re
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import attr
-import numpy as np
 import rasterio
-from morecantile import Tile
 from rasterio.errors import RasterioError, RasterioIOError
-from rasterio.transform import from_bounds
-from rasterio.warp import transform_bounds
-from rasterio.windows import Window
-from rasterio.windows import bounds as window_bounds
 from rio_tiler.io import Reader
-from rio_tiler.models import ImageData
 
+from tiler import native
 from tiler.auth import PolicyError, load_document
 from tiler.datasets import POOL
 from tiler.deadline import Budget
 from tiler.deadline import current as current_budget
 from tiler.errors import UpstreamError, classify_upstream, file_label
+from tiler.lowzoom import LowZoomMixin
 
 logger = logging.getLogger(__name__)
 
@@ -131,26 +123,6 @@ def gdal_path(prefix: str) -> str:
     return "/vsicurl/" + prefix
 
 
-@functools.cache
-def _gdal_lib() -> ctypes.CDLL:
-    """Rasterio's own libgdal (its wheel bundles one), else the system one."""
-    here = Path(rasterio.__file__).parent
-    candidates = sorted(glob.glob(str(here.parent / "rasterio.libs" / "libgdal*"))) or ["libgdal.so"]
-    return ctypes.CDLL(candidates[0])
-
-
-_lib_lock = threading.Lock()
-
-
-def set_path_option(path: str, key: str, value: str | None) -> None:
-    """``VSISetPathSpecificOption`` in the GDAL that rasterio uses."""
-    with _lib_lock:
-        fn = _gdal_lib().VSISetPathSpecificOption
-        fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p]
-        fn.restype = None
-        fn(path.encode(), key.encode(), value.encode() if value is not None else None)
-
-
 def clear_http_cache(prefix: str | None = None) -> None:
     """Forget what GDAL cached about remote files (all, or those under ``prefix``).
 
@@ -159,15 +131,7 @@ def clear_http_cache(prefix: str | None = None) -> None:
     files (`tiler.datasets.POOL`) are closed too.
     """
     POOL.discard(prefix)
-    with _lib_lock:
-        lib = _gdal_lib()
-        if prefix is None:
-            lib.VSICurlClearCache.restype = None
-            lib.VSICurlClearCache()
-        else:
-            fn = lib.VSICurlPartialClearCache
-            fn.argtypes, fn.restype = [ctypes.c_char_p], None
-            fn(gdal_path(prefix).encode())
+    native.clear_curl_cache(gdal_path(prefix) if prefix is not None else None)
 
 
 def install(credentials: list[Credential]) -> None:
@@ -176,11 +140,11 @@ def install(credentials: list[Credential]) -> None:
         clear_http_cache(cred.prefix)
         path = gdal_path(cred.prefix)
         if cred.headers:
-            set_path_option(
+            native.set_path_option(
                 path, "GDAL_HTTP_HEADERS", "\r\n".join(f"{k}: {v}" for k, v in cred.headers.items())
             )
         for k, v in cred.options.items():
-            set_path_option(path, k, v)
+            native.set_path_option(path, k, v)
         logger.info("upstream credentials installed for %s", cred.prefix)
 
 
@@ -190,9 +154,9 @@ def uninstall(credentials: list[Credential]) -> None:
         path = gdal_path(cred.prefix)
         clear_http_cache(cred.prefix)
         if cred.headers:
-            set_path_option(path, "GDAL_HTTP_HEADERS", None)
+            native.set_path_option(path, "GDAL_HTTP_HEADERS", None)
         for k in cred.options:
-            set_path_option(path, k, None)
+            native.set_path_option(path, k, None)
 
 
 # --------------------------------------------------------------------------- signing readers
@@ -238,22 +202,25 @@ def _refused(exc: BaseException | None) -> bool:
     return False
 
 
-def _retry_on_refusal(method: Callable) -> Callable:
-    @functools.wraps(method)
-    def wrapper(self: SigningReader, *args: Any, **kwargs: Any) -> Any:
+def _retry_on_refusal(name: str) -> Callable:
+    """``super()``'s reader method ``name``: budget checked, failures guarded, re-signed once if refused."""
+
+    @functools.wraps(getattr(Reader, name))
+    def method(self: SigningReader, *args: Any, **kwargs: Any) -> Any:
+        parent = getattr(super(SigningReader, self), name)
         if self.budget is not None:
             self.budget.check(f"reading {self._asset_label()}")
         with self._upstream_guard():
             try:
-                return method(self, *args, **kwargs)
+                return parent(*args, **kwargs)
             except RasterioIOError as e:
                 if self._signer is None or not _refused(e):
                     raise
                 logger.info("upstream refused a signed href while reading; signing it again")
                 self._open_signed(refresh=True)
-                return method(self, *args, **kwargs)
+                return parent(*args, **kwargs)
 
-    return wrapper
+    return method
 
 
 def forget_failure(href: str) -> None:
@@ -265,61 +232,8 @@ def forget_failure(href: str) -> None:
     clear_http_cache(href.split("?", 1)[0].split("#", 1)[0])
 
 
-#: The low-zoom path (`SigningReader.tile`) is taken when the dataset's footprint covers at
-#: most this fraction of the tile's pixel grid (the warp then shrinks at least 4x).
-LOWZOOM_MAX_COVER = 0.25
-#: Output pixels added around the footprint's sub-window (covers resampling at its edge).
-LOWZOOM_MARGIN = 2
-
-
-@functools.lru_cache(maxsize=4096)
-def _footprint(crs: Any, dst_crs: Any, bounds: tuple) -> tuple[float, float, float, float] | None:
-    """A dataset's bounds in ``dst_crs`` (densified), memoized per grid; None if they cannot be."""
-    try:
-        return transform_bounds(crs, dst_crs, *bounds, densify_pts=21)
-    except Exception:  # noqa: BLE001 - outside the projection's domain
-        return None
-
-
-def _fill_value(nodata: Any, dtype: np.dtype) -> Any:
-    """What rio-tiler leaves under the mask: the nodata value when ``dtype`` holds it, else 0."""
-    if nodata is None:
-        return 0
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        ok = np.isfinite(nodata) and info.min <= nodata <= info.max and float(nodata).is_integer()
-        return int(nodata) if ok else 0
-    return nodata
-
-
-def _paste(sub: ImageData, win: Window, bounds: tuple[float, ...], width: int, height: int) -> ImageData:
-    """``sub`` (read on ``win`` of a ``width`` x ``height`` grid) in a full-size masked tile."""
-    rows = slice(int(win.row_off), int(win.row_off + win.height))
-    cols = slice(int(win.col_off), int(win.col_off + win.width))
-    arr = sub.array
-    data = np.full((arr.shape[0], height, width), _fill_value(sub.nodata, arr.dtype), dtype=arr.dtype)
-    mask = np.ones(data.shape, dtype=bool)
-    data[:, rows, cols] = arr.data
-    mask[:, rows, cols] = np.ma.getmaskarray(arr)
-    alpha = None
-    if sub.alpha_mask is not None:
-        alpha = np.zeros((height, width), dtype=sub.alpha_mask.dtype)
-        alpha[rows, cols] = sub.alpha_mask
-    cutline = None
-    if sub.cutline_mask is not None:
-        cutline = np.ones((height, width), dtype=sub.cutline_mask.dtype)
-        cutline[rows, cols] = sub.cutline_mask
-    return attr.evolve(
-        sub,
-        array=np.ma.MaskedArray(data, mask=mask),
-        bounds=bounds,
-        alpha_mask=alpha,
-        cutline_mask=cutline,
-    )
-
-
 @attr.s
-class SigningReader(Reader):
+class SigningReader(LowZoomMixin, Reader):
     """rio-tiler Reader that signs its href and turns storage failures into `UpstreamError`.
 
     When the host answers 401/403 (a signed href expired), at open or while
@@ -329,7 +243,8 @@ class SigningReader(Reader):
     the `UpstreamError` its HTTP status or curl error says (`classify_upstream`),
     naming ``label`` (``item/asset``) and the file name, never the URL.
     ``budget`` (the request's `tiler.deadline.Budget`; in rio-tiler's worker threads the
-    STAC readers pass it) is checked before opening and reading.
+    STAC readers pass it) is checked before opening and reading. Tiles much larger
+    than the dataset read only the part it covers (`tiler.lowzoom.LowZoomMixin`).
     """
 
     label: str | None = attr.ib(default=None, kw_only=True)
@@ -402,101 +317,10 @@ class SigningReader(Reader):
         self._failed = True  # the dataset opened with the expired signature is not reused
         self.dataset = self._ctx_stack.enter_context(rasterio.open(self._signer(self._href, refresh=refresh)))
 
-    def _tile(
-        self,
-        tile_x: int,
-        tile_y: int,
-        tile_z: int,
-        tilesize: int | None = None,
-        indexes: Any = None,
-        expression: str | None = None,
-        buffer: float | None = None,
-        **kwargs: Any,
-    ) -> ImageData:
-        """rio-tiler's ``Reader.tile``, reading only the part of the tile the dataset covers.
-
-        rio-tiler warps the whole tile extent at the dataset's native resolution: a z8
-        tile (156 km) over a 6 km scene is a ~17,000 px wide, mostly empty warp grid.
-        When the dataset's footprint covers at most `LOWZOOM_MAX_COVER` of the
-        tile's pixel grid, the covered sub-window (whole output pixels plus a
-        margin) is read with ``part`` on the same grid and pasted into a masked
-        full-size tile; otherwise this is ``Reader.tile``.
-        """
-        args = (tile_x, tile_y, tile_z)
-        grid = self._lowzoom_grid(tile_x, tile_y, tile_z, tilesize, buffer, {**self.options, **kwargs})
-        if grid is None:
-            return Reader.tile(
-                self,
-                *args,
-                tilesize=tilesize,
-                indexes=indexes,
-                expression=expression,
-                buffer=buffer,
-                **kwargs,
-            )
-        bounds, width, height, win = grid
-        crs = self.tms.rasterio_crs
-        sub = self.part(
-            window_bounds(win, from_bounds(*bounds, width, height)),
-            dst_crs=crs,
-            bounds_crs=crs,
-            width=int(win.width),
-            height=int(win.height),
-            max_size=None,
-            indexes=indexes,
-            expression=expression,
-            **kwargs,
-        )
-        return _paste(sub, win, bounds, width, height)
-
-    def _lowzoom_grid(
-        self, tile_x: int, tile_y: int, tile_z: int, tilesize: int | None, buffer: float | None, options: dict
-    ) -> tuple[tuple[float, float, float, float], int, int, Window] | None:
-        """The tile's output grid and the sub-window the dataset covers, or None for the normal path.
-
-        None when no reprojection is needed, when an option depends on the whole
-        tile's extent (``minimum_overlap``, ``align_bounds_with_dataset``), when the
-        buffer is invalid (rio-tiler raises), when the footprint (memoized per grid)
-        misses the tile (rio-tiler's ``tile_exists`` then raises `TileOutsideBounds`)
-        or covers more than `LOWZOOM_MAX_COVER` of the grid. Nothing here transforms
-        coordinates per request, so the usual path costs no more than rio-tiler's.
-        """
-        crs = self.tms.rasterio_crs
-        if self.crs == crs or options.get("minimum_overlap") or options.get("align_bounds_with_dataset"):
-            return None
-        if buffer and buffer % 0.5:
-            return None
-        matrix = self.tms.matrix(tile_z)
-        width, height = tilesize or matrix.tileWidth, tilesize or matrix.tileHeight
-        left, bottom, right, top = self.tms.xy_bounds(Tile(x=tile_x, y=tile_y, z=tile_z))
-        if buffer:  # as rio-tiler's part: the bounds grow by `buffer` pixels, the size by 2 * buffer
-            dx, dy = (right - left) / width * buffer, (top - bottom) / height * buffer
-            left, bottom, right, top = left - dx, bottom - dy, right + dx, top + dy
-            width, height = width + int(2 * buffer), height + int(2 * buffer)
-        footprint = _footprint(self.crs, crs, tuple(self.bounds))
-        if footprint is None:  # outside the projection's domain: let rio-tiler decide
-            return None
-        fl, fb, fr, ft = footprint
-        if not all(np.isfinite((fl, fb, fr, ft))) or fl >= fr or fb >= ft:  # e.g. across the antimeridian
-            return None
-        if fr <= left or fl >= right or ft <= bottom or fb >= top:  # outside: rio-tiler raises
-            return None
-        xres, yres = (right - left) / width, (top - bottom) / height
-        m = LOWZOOM_MARGIN
-        col0 = max(0, int(np.floor((fl - left) / xres)) - m)
-        col1 = min(width, int(np.ceil((fr - left) / xres)) + m)
-        row0 = max(0, int(np.floor((top - ft) / yres)) - m)
-        row1 = min(height, int(np.ceil((top - fb) / yres)) + m)
-        if col1 <= col0 or row1 <= row0:
-            return None
-        if (col1 - col0) * (row1 - row0) > LOWZOOM_MAX_COVER * width * height:
-            return None
-        return (left, bottom, right, top), width, height, Window(col0, row0, col1 - col0, row1 - row0)
-
-    tile = _retry_on_refusal(_tile)
-    part = _retry_on_refusal(Reader.part)
-    preview = _retry_on_refusal(Reader.preview)
-    point = _retry_on_refusal(Reader.point)
-    feature = _retry_on_refusal(Reader.feature)
-    statistics = _retry_on_refusal(Reader.statistics)
-    read = _retry_on_refusal(Reader.read)
+    tile = _retry_on_refusal("tile")
+    part = _retry_on_refusal("part")
+    preview = _retry_on_refusal("preview")
+    point = _retry_on_refusal("point")
+    feature = _retry_on_refusal("feature")
+    statistics = _retry_on_refusal("statistics")
+    read = _retry_on_refusal("read")
