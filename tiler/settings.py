@@ -42,7 +42,8 @@ class ApiSettings(BaseSettings):
 
     name: str = "dinamis-tiler"
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default=["*"], description="Comma-separated list of allowed CORS origins."
+        default_factory=list,
+        description="Comma-separated list of allowed CORS origins (`*`: any); empty (default): no CORS headers.",
     )
     cachecontrol: str = Field(
         default="public, max-age=3600",
