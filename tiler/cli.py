@@ -448,7 +448,7 @@ Ctrl-C stops the tile server, the COG server and PostgreSQL.
 
 
 DEMO_POLICY = """\
-# Rights policy of the demo (see README, "Access control").
+# Rights policy of the demo (see docs/access-control.md).
 groups:
   demo-users:            # the demo API key and URL tokens
     - collections: ["*"]

@@ -1,6 +1,6 @@
 """Settings, one pydantic-settings class per concern.
 
-Environment variables (see README's table):
+Environment variables (see docs/settings.md):
 
 * ``TILER_API_*``: the HTTP application.
 * ``DATABASE_URL`` or ``PGHOST``/``PGPORT``/``PGUSER``/``PGPASSWORD``/``PGDATABASE``:
@@ -382,7 +382,7 @@ class UpstreamSettings(BaseSettings):
 
     credentials_file: str | None = Field(
         default=None,
-        description="YAML or JSON list of {prefix, headers | options | signer}; see README.",
+        description="YAML or JSON list of {prefix, headers | options | signer}; see docs/access-control.md.",
     )
 
     model_config = SettingsConfigDict(env_prefix="TILER_UPSTREAM_", extra="ignore")
