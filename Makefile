@@ -3,7 +3,8 @@
 setup:
 	bash scripts/setup.sh
 
-## Start PostgreSQL+pgstac, sample SPOT-like data, a COG range server and the tiler on :8000 ($PORT)
+## Start PostgreSQL+pgstac (:55432, $PG_PORT), sample SPOT-like data, a COG range server
+## (:8081, $COG_PORT) and the tiler on :8000 ($PORT); a taken port is named before anything starts
 demo: setup
 	.venv/bin/tiler demo
 

@@ -78,6 +78,22 @@ def test_viewer_lists_items_and_urls(live_server, sample):
     assert 'option value="pansharpened"' in out
 
 
+def test_cors_is_off_by_default(client, sample, monkeypatch):
+    from tiler.settings import ApiSettings
+
+    monkeypatch.delenv("TILER_API_CORS_ORIGINS", raising=False)
+    assert ApiSettings().cors_origins == []
+    url = f"/collections/{C}/WebMercatorQuad/tilejson.json"
+    r = client.get(url, headers={"Origin": "https://maps.example.org"})
+    assert r.status_code == 200 and not [h for h in r.headers if h.startswith("access-control-")]
+    r = client.options(
+        url, headers={"Origin": "https://maps.example.org", "Access-Control-Request-Method": "GET"}
+    )
+    assert "access-control-allow-origin" not in r.headers
+    monkeypatch.setenv("TILER_API_CORS_ORIGINS", "https://maps.example.org, https://other.example")
+    assert ApiSettings().cors_origins == ["https://maps.example.org", "https://other.example"]
+
+
 def test_cors_allows_only_the_configured_origins(dsn, sample):
     from conftest import make_settings
     from starlette.testclient import TestClient

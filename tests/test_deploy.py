@@ -279,7 +279,7 @@ def test_cloudnative_pg_cluster_and_how_the_tiler_reaches_it(rendered):
     jsonschema.validate(cluster, CNPG_CLUSTER_SCHEMA)
     name = cluster["metadata"]["name"]
     env = by_key(res)[("ConfigMap", "dinamis-tiler-env")]["data"]
-    # the tiler needs the primary (it writes; see README "Kubernetes"): <cluster>-rw
+    # the tiler needs the primary (it writes; see docs/deployment.md, "Kubernetes"): <cluster>-rw
     assert env["PGHOST"] == f"{name}-rw"
     assert env["PGDATABASE"] == cluster["spec"]["bootstrap"]["initdb"]["database"]
     # the tiler (its STAC API included) is the only application client: one managed role,

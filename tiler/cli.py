@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from tiler.logs import configure_logging
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from tiler.embedded import LocalCluster
+    from tiler.rangeserver import RangeHTTPServer
 
 
 @click.group()
@@ -180,58 +192,221 @@ def apikey(user: str, groups: tuple[str, ...], key_id: str | None) -> None:
     click.echo(yaml.safe_dump([record], sort_keys=False).rstrip())
 
 
+# each port the demo listens on (127.0.0.1): (variable, CLI option, what listens there)
+DEMO_PORTS = {
+    "port": ("PORT", "--port", "tile server"),
+    "cog_port": ("COG_PORT", "--cog-port", "COG file server"),
+    "pg_port": ("PG_PORT", "--pg-port", "PostgreSQL"),
+}
+
+
+def _bind_error(port: int, host: str = "127.0.0.1") -> OSError | None:
+    """Why ``host:port`` cannot be listened on now, or None when it can.
+
+    With ``SO_REUSEADDR``, as uvicorn, http.server and PostgreSQL bind: a port left in
+    TIME_WAIT is free, a port somebody listens on is not.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e
+    return None
+
+
+def _port_message(key: str, port: int, err: OSError) -> str:
+    var, opt, what = DEMO_PORTS[key]
+    why = "is taken" if err.errno == errno.EADDRINUSE else f"cannot be used ({err.strerror})"
+    return (
+        f"port {port} on 127.0.0.1 ({what}) {why}: choose another with "
+        f"{var}=<port> make demo (or tiler demo {opt} <port>)"
+    )
+
+
+def _check_demo_ports(ports: dict[str, int], cluster: LocalCluster) -> None:
+    """Refuse to start, naming the port and its variable, when a port of the demo is taken.
+
+    The demo's own PostgreSQL still running from an earlier run on the same port is not
+    in the way: ``LocalCluster.start`` reuses it.
+    """
+    problems = []
+    seen: dict[int, str] = {}
+    for key, port in ports.items():
+        var = DEMO_PORTS[key][0]
+        if port in seen:
+            problems.append(f"{seen[port]} and {var} are both {port}: give them different ports")
+            continue
+        seen[port] = var
+        if key == "pg_port" and cluster.is_running():
+            running = cluster.running_port()
+            if running not in (port, None):
+                problems.append(
+                    f"the demo's PostgreSQL (data in {cluster.datadir}) is still running on port "
+                    f"{running}: use PG_PORT={running} make demo, or stop it first "
+                    f"(pg_ctl stop -D {cluster.datadir}, as the postgres user when you are root)"
+                )
+            continue
+        err = _bind_error(port)
+        if err is not None:
+            problems.append(_port_message(key, port, err))
+    if problems:
+        raise click.ClickException("\n".join(problems))
+
+
 @cli.command()
-@click.option(
-    "--port", default=lambda: int(os.environ.get("PORT", "8000")), show_default="8000 or $PORT", type=int
-)
+@click.option("--port", type=click.IntRange(1, 65535), help="Tile server port.  [default: 8000 or $PORT]")
 @click.option(
     "--data-dir", default=".demo", show_default=True, type=click.Path(file_okay=False, path_type=Path)
 )
-@click.option("--pg-port", default=55432, show_default=True, type=int)
-@click.option("--cog-port", default=8081, show_default=True, type=int)
+@click.option(
+    "--pg-port", type=click.IntRange(1, 65535), help="PostgreSQL port.  [default: 55432 or $PG_PORT]"
+)
+@click.option(
+    "--cog-port", type=click.IntRange(1, 65535), help="COG file server port.  [default: 8081 or $COG_PORT]"
+)
 @click.option("--scenes", default=3, show_default=True, type=click.IntRange(1, 50))
 @click.option(
     "--size", default=1024, show_default=True, type=click.IntRange(64, 8192), help="MS width in pixels."
 )
-def demo(port: int, data_dir: Path, pg_port: int, cog_port: int, scenes: int, size: int) -> None:
+def demo(
+    port: int | None, data_dir: Path, pg_port: int | None, cog_port: int | None, scenes: int, size: int
+) -> None:
     """Start PostgreSQL+pgstac, sample data, a COG range server and the tile server.
 
     Everything lives in DATA_DIR; Ctrl-C stops what was started. Running it
-    again reuses the cluster and the generated COGs.
+    again reuses the cluster and the generated COGs. The three ports (all on
+    127.0.0.1) are checked before anything starts.
     """
-    import uvicorn
+    from pydantic import ValidationError
 
     from tiler.embedded import LocalCluster
+    from tiler.settings import DemoSettings
+
+    try:
+        defaults = DemoSettings()
+    except ValidationError as e:
+        msgs = "; ".join(f"{err['loc'][0]}: {err['msg']}" for err in e.errors())
+        raise click.ClickException(f"invalid demo settings: {msgs}") from None
+    ports = {
+        "port": port or defaults.port,
+        "cog_port": cog_port or defaults.cog_port,
+        "pg_port": pg_port or defaults.pg_port,
+    }
+    data_dir = data_dir.resolve()
+    cluster = LocalCluster(data_dir / "postgres", ports["pg_port"])
+    try:
+        _check_demo_ports(ports, cluster)
+    except RuntimeError as e:  # no PostgreSQL server binaries
+        raise click.ClickException(str(e)) from None
+
+    def _stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)  # from here on SIGTERM unwinds like Ctrl-C
+    log = logging.getLogger("tiler.demo")
+    ranges: RangeHTTPServer | None = None
+    serving = False
+    try:
+        log.info("starting PostgreSQL on 127.0.0.1:%d (data in %s)", cluster.port, cluster.datadir)
+        try:
+            with _signals_deferred():  # initdb and pg_ctl run on when only we are stopped
+                cluster.start()
+        except RuntimeError as e:
+            raise click.ClickException(str(e)) from None
+        ranges, item_id = _demo_data(cluster, data_dir / "cogs", ports["cog_port"], scenes, size)
+        app, banner = _demo_app(cluster, data_dir, ports["port"], item_id)
+        click.echo(banner)
+        serving = True
+        import uvicorn
+
+        uvicorn.run(app, host="127.0.0.1", port=ports["port"], log_config=None, access_log=False)
+    except KeyboardInterrupt:
+        if not serving:
+            log.info("interrupted while starting")
+            sys.exit(130)
+    finally:  # whatever happened: stop what was started
+        _stop_demo(ranges, cluster)
+    sys.exit(0)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, then raise KeyboardInterrupt.
+
+    A child process (``initdb``, ``pg_ctl start``, run through ``runuser`` under root)
+    is not stopped with us: interrupted mid-way, the cluster would come up after
+    the demo stopped it, so the block runs to its end first.
+    """
+    received: list[int] = []
+    previous = {
+        signum: signal.signal(signum, lambda signum, _: received.append(signum))
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            raise KeyboardInterrupt
+
+
+def _stop_demo(ranges: RangeHTTPServer | None, cluster: LocalCluster) -> None:
+    """Stop the COG server and PostgreSQL; a second Ctrl-C does not cut this short."""
+    log = logging.getLogger("tiler.demo")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    log.info("stopping COG server and PostgreSQL")
+    if ranges is not None:
+        ranges.shutdown()
+        ranges.server_close()
+    try:
+        cluster.stop()
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        log.error("PostgreSQL did not stop (%s): pg_ctl stop -D %s", e, cluster.datadir)
+
+
+def _demo_data(
+    cluster: LocalCluster, cog_dir: Path, cog_port: int, scenes: int, size: int
+) -> tuple[RangeHTTPServer, str]:
+    """Install pgstac, write the sample scenes, serve them and load them.
+
+    Returns the running COG server and the first item's id. Stops the server
+    again when loading fails.
+    """
     from tiler.ingest import load
     from tiler.metrics import ORIGIN
     from tiler.rangeserver import RangeHTTPServer
-    from tiler.sample import COLLECTION_ID, generate
-
-    ORIGIN.enable()  # before ingest reads the COGs: GDAL decides once whether to count
+    from tiler.sample import generate
 
     log = logging.getLogger("tiler.demo")
-    data_dir = data_dir.resolve()
-    cluster = LocalCluster(data_dir / "postgres", pg_port)
-    log.info("starting PostgreSQL on 127.0.0.1:%d (data in %s)", pg_port, cluster.datadir)
-    try:
-        cluster.start()
-    except RuntimeError as e:
-        raise click.ClickException(str(e)) from None
+    ORIGIN.enable()  # before ingest reads the COGs: GDAL decides once whether to count
     log.info("pgstac %s ready", cluster.migrate())
-
-    cog_dir = data_dir / "cogs"
     cog_url = f"http://127.0.0.1:{cog_port}"
     log.info("generating %d sample scenes in %s", scenes, cog_dir)
     _, items = generate(cog_dir, cog_url, n_scenes=scenes, ms_size=size)
-
-    ranges = RangeHTTPServer(cog_dir, port=cog_port)
+    try:
+        ranges = RangeHTTPServer(cog_dir, port=cog_port)
+    except OSError as e:  # taken since the check
+        raise click.ClickException(_port_message("cog_port", cog_port, e)) from None
     ranges.start_background()
     log.info("serving COGs with Range support on %s", cog_url)
-    # ingest reads the COGs through that server to compute their statistics
-    load(cluster.dsn, [cog_dir / "collection.json", cog_dir / "items.ndjson"], progress=False)
+    try:
+        # ingest reads the COGs through that server to compute their statistics
+        load(cluster.dsn, [cog_dir / "collection.json", cog_dir / "items.ndjson"], progress=False)
+    except BaseException:
+        ranges.shutdown()
+        ranges.server_close()
+        raise
+    return ranges, items[0]["id"]
 
+
+def _demo_app(cluster: LocalCluster, data_dir: Path, port: int, item: str) -> tuple[FastAPI, str]:
+    """The demo's app (access control on) and the text that shows where everything is."""
     from tiler.auth import mint_url_token
     from tiler.main import create_app
+    from tiler.sample import COLLECTION_ID
     from tiler.settings import DatabaseSettings, Settings
 
     auth, api_key = _demo_auth(data_dir / "auth")
@@ -239,14 +414,12 @@ def demo(port: int, data_dir: Path, pg_port: int, cog_port: int, scenes: int, si
     token, _ = mint_url_token(auth.keys(), sub="demo", groups=["demo-users"], ttl=7 * 86400)
     base = f"http://127.0.0.1:{port}/t/{token}"
     root = f"http://127.0.0.1:{port}"
-    item = items[0]["id"]
     coll = COLLECTION_ID
     search_hint = (
         f"curl -s -X POST {root}/searches/register -H 'X-API-Key: {api_key}' -H 'Content-Type: application/json' "
         f"""-d '{json.dumps({"collections": [coll], "filter-lang": "cql2-json", "filter": {"op": "<=", "args": [{"property": "eo:cloud_cover"}, 20]}})}'"""
     )
-    click.echo(
-        f"""
+    banner = f"""
 dinamis-tiler demo is starting on {root}
 Access control is on (policy, API keys and signing key in {data_dir / "auth"}).
 The URLs below carry a signed URL token for the demo user (valid 7 days):
@@ -271,25 +444,11 @@ paste them in a browser or QGIS as they are.
     {search_hint}
 Ctrl-C stops the tile server, the COG server and PostgreSQL.
 """
-    )
-
-    def _stop(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        log.info("stopping COG server and PostgreSQL")
-        ranges.shutdown()
-        cluster.stop()
-    sys.exit(0)
+    return app, banner
 
 
 DEMO_POLICY = """\
-# Rights policy of the demo (see README, "Access control").
+# Rights policy of the demo (see docs/access-control.md).
 groups:
   demo-users:            # the demo API key and URL tokens
     - collections: ["*"]

@@ -91,6 +91,13 @@ class LocalCluster:
         )
         return res.returncode == 0
 
+    def running_port(self) -> int | None:
+        """Port of the running server, from its ``postmaster.pid`` (None when unreadable)."""
+        try:
+            return int((self.datadir / "postmaster.pid").read_text().splitlines()[3])
+        except (OSError, IndexError, ValueError):
+            return None
+
     def init(self) -> None:
         """Create the cluster if it does not exist (idempotent)."""
         if (self.datadir / "PG_VERSION").exists():

@@ -1,6 +1,6 @@
 """Settings, one pydantic-settings class per concern.
 
-Environment variables (see README's table):
+Environment variables (see docs/settings.md):
 
 * ``TILER_API_*``: the HTTP application.
 * ``DATABASE_URL`` or ``PGHOST``/``PGPORT``/``PGUSER``/``PGPASSWORD``/``PGDATABASE``:
@@ -14,6 +14,7 @@ Environment variables (see README's table):
 * ``TILER_METRICS_*``, ``TILER_LOG_FORMAT``: Prometheus metrics and logs.
 * ``TILER_LIMIT_*``: caps on every size a caller controls (tiles, previews,
   exports, statistics, expressions, CQL2 filters, mosaic searches).
+* ``PORT``, ``COG_PORT``, ``PG_PORT``: the ports of ``tiler demo``.
 
 titiler-pgstac reads a few of its own variables (``TITILER_PGSTAC_CACHE_*``,
 ``TITILER_PGSTAC_SEARCH_*``, ``MOSAIC_CONCURRENCY``); they keep working.
@@ -41,7 +42,8 @@ class ApiSettings(BaseSettings):
 
     name: str = "dinamis-tiler"
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default=["*"], description="Comma-separated list of allowed CORS origins."
+        default_factory=list,
+        description="Comma-separated list of allowed CORS origins (`*`: any); empty (default): no CORS headers.",
     )
     cachecontrol: str = Field(
         default="public, max-age=3600",
@@ -380,7 +382,7 @@ class UpstreamSettings(BaseSettings):
 
     credentials_file: str | None = Field(
         default=None,
-        description="YAML or JSON list of {prefix, headers | options | signer}; see README.",
+        description="YAML or JSON list of {prefix, headers | options | signer}; see docs/access-control.md.",
     )
 
     model_config = SettingsConfigDict(env_prefix="TILER_UPSTREAM_", extra="ignore")
@@ -619,3 +621,25 @@ class Settings(BaseSettings):
                 f"TILER_API_REQUEST_TIMEOUT={self.api.request_timeout:g} s: lower TILER_GDAL_GDAL_HTTP_TIMEOUT "
                 "or TILER_GDAL_GDAL_HTTP_MAX_RETRY, or raise the deadline"
             )
+
+
+class DemoSettings(BaseSettings):
+    """Ports of ``tiler demo`` (``make demo``), all on 127.0.0.1; its command-line options win.
+
+    The short names (``PORT``, ``COG_PORT``, ``PG_PORT``) are meant for
+    ``COG_PORT=8091 make demo``.
+    """
+
+    port: int = Field(default=8000, ge=1, le=65535, validation_alias="PORT", description="The tile server.")
+    cog_port: int = Field(
+        default=8081,
+        ge=1,
+        le=65535,
+        validation_alias="COG_PORT",
+        description="The COG file server (the sample items' hrefs point to it).",
+    )
+    pg_port: int = Field(
+        default=55432, ge=1, le=65535, validation_alias="PG_PORT", description="The demo's PostgreSQL."
+    )
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
