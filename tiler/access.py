@@ -42,7 +42,6 @@ from tiler.auth import (
     mint_url_token,
     verify_url_token,
 )
-from tiler.catalogue import catalogue
 from tiler.operations import ACCOUNT, Operation, declared
 from tiler.settings import AuthSettings
 from tiler.tms import supported_tms
@@ -364,7 +363,7 @@ def authorize(request: Request) -> None:
         return
     if op.resource == "search" and search_id:
         try:
-            cols = catalogue(request.app.state.dbpool).search_restriction(search_id)
+            cols = request.app.state.catalogue.search_restriction(search_id)
         except KeyError:
             raise HTTPException(404, f"SearchId `{search_id}` not found") from None
         if cols is None:
@@ -394,7 +393,7 @@ def allowed_collections(request: Request, operation: str = "metadata") -> list[s
         return None
     principal: Principal = getattr(request.state, "principal", ANONYMOUS)
     policy = auth.policy
-    ids = catalogue(request.app.state.dbpool).collection_ids()
+    ids = request.app.state.catalogue.collection_ids()
     return [c for c in ids if (a := principal.access(policy, c)) is not None and a.allows(operation)]
 
 
@@ -486,7 +485,7 @@ def mint_for(request: Request, req: TokenRequest) -> TokenResponse:
                 raise HTTPException(403, f"Not allowed: collection {c!r}")
     if req.search is not None:
         try:
-            cols = catalogue(request.app.state.dbpool).search_restriction(req.search)
+            cols = request.app.state.catalogue.search_restriction(req.search)
         except KeyError:
             raise HTTPException(404, f"SearchId `{req.search}` not found") from None
         for c in cols or ("*",):
@@ -551,9 +550,7 @@ def auth_router() -> APIRouter:
             raise HTTPException(400, "Give exactly one of `collection` or `search`")
         if tms not in supported_tms.list():
             raise HTTPException(400, f"Unknown TileMatrixSet {tms!r}")
-        available = (
-            catalogue(request.app.state.dbpool).presets(collection_id=collection, search_id=search).available
-        )
+        available = request.app.state.catalogue.presets(collection_id=collection, search_id=search).available
         if preset is not None and preset not in available:
             raise HTTPException(400, f"Unknown preset {preset!r}; available: {', '.join(available)}")
         req = TokenRequest(

@@ -19,7 +19,6 @@ from titiler.core.dependencies import ColorMapParams as TitilerColorMapParams
 from titiler.pgstac.dependencies import ItemIdParams, PgSTACParams
 from titiler.pgstac.reader import PgSTACReader
 
-from tiler.catalogue import catalogue
 from tiler.presets import PansharpenSpec, PresetContext, Resolved, band_layout, stretch_by_band
 from tiler.presets import get as get_preset
 from tiler.settings import CogSettings, GdalSettings
@@ -76,7 +75,7 @@ def AssetIdParams(  # noqa: N802 - titiler naming
     asset_id: Annotated[str, Path(description="STAC Asset Identifier")],
 ) -> str:
     """Href of one asset of a pgstac item; 404 when the item or asset does not exist."""
-    return catalogue(request.app.state.dbpool).asset(collection_id, item_id, asset_id).href
+    return request.app.state.catalogue.asset(collection_id, item_id, asset_id).href
 
 
 # --------------------------------------------------------------------------- presets
@@ -103,7 +102,7 @@ class MosaicAssetsParams(PgSTACParams):
 def preset_context(request: Request) -> PresetContext:
     """Presets of the item, collection or search in the request path (pgstac lookups cached)."""
     params = request.path_params
-    return catalogue(request.app.state.dbpool).presets(
+    return request.app.state.catalogue.presets(
         collection_id=params.get("collection_id"),
         item=getattr(request.state, "stac_item", None),
         item_id=params.get("item_id"),
@@ -125,7 +124,7 @@ def below_cheap_zoom(request: Request, ctx: PresetContext) -> bool:
         with PgSTACReader(ctx.item, tms=tms) as src:
             minzoom = src.minzoom
     else:
-        zooms = catalogue(request.app.state.dbpool).zooms(ctx.collections, tms)
+        zooms = request.app.state.catalogue.zooms(ctx.collections, tms)
         if zooms is None:
             return False
         minzoom = zooms[0]
@@ -154,7 +153,7 @@ def resolve_preset(request: Request, name: str | None) -> Resolved | None:
         stretch = (
             stretch_by_band([ctx.assets], layout)
             if not ctx.mosaic
-            else catalogue(request.app.state.dbpool).stretch(ctx.collections, layout)
+            else request.app.state.catalogue.stretch(ctx.collections, layout)
         )
         if stretch and all(b in stretch for b in resolved.output_bands):
             resolved = replace(resolved, rescale=tuple(stretch[b] for b in resolved.output_bands))

@@ -40,7 +40,6 @@ from titiler.pgstac.factory import MosaicTilerFactory, add_search_list_route, ad
 from tiler import __version__
 from tiler.access import Authenticator, UrlTokenMiddleware, auth_router, authorize, restricted_search_params
 from tiler.cache import CachedRoute, CachePolicyMiddleware, tile_cache
-from tiler.catalogue import catalogue
 from tiler.concurrency import RenderLimiter, render_slot
 from tiler.deadline import DeadlineMiddleware
 from tiler.dependencies import (
@@ -212,7 +211,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         CollectionIdParams,
         "/collections/{collection_id}",
         "collection",
-        lambda search_id: "+".join(catalogue(app.state.dbpool).search_collection_ids(search_id)),
+        lambda search_id: "+".join(app.state.catalogue.search_collection_ids(search_id)),
     )
     app.include_router(collections.router, tags=["STAC Collection"], prefix="/collections/{collection_id}")
     conforms_to |= collections.conforms_to

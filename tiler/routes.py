@@ -13,7 +13,6 @@ from titiler.core.resources.enums import ImageType
 from titiler.core.utils import tms_limits
 
 from tiler.access import allowed_collections
-from tiler.catalogue import catalogue
 from tiler.operations import CATALOGUE, METADATA, PUBLIC
 from tiler.presets import Preset, PresetContext, builtin
 from tiler.tms import supported_tms
@@ -68,7 +67,7 @@ def _listing(request: Request, ctx: PresetContext, base: str, item: bool) -> dic
 def _visible(request: Request, operation: str = "tiles") -> list[str]:
     visible = allowed_collections(request, operation)
     if visible is None:
-        visible = catalogue(request.app.state.dbpool).collection_ids()
+        visible = request.app.state.catalogue.collection_ids()
     return visible
 
 
@@ -85,11 +84,11 @@ def catalogue_router(templates: Jinja2Templates) -> APIRouter:
         dependencies=[CATALOGUE.depends()],
     )
     def collections(request: Request) -> dict[str, Any]:
-        pool = request.app.state.dbpool
+        cat = request.app.state.catalogue
         root = str(request.base_url).rstrip("/")
         out = []
         for cid in _visible(request):
-            doc = catalogue(pool).collection(cid) or {}
+            doc = cat.collection(cid) or {}
             base = f"{root}/collections/{quote(cid, safe='')}"
             out.append(
                 {
@@ -141,7 +140,7 @@ def catalogue_router(templates: Jinja2Templates) -> APIRouter:
             if len(values) != 4:
                 raise HTTPException(400, "bbox must be minx,miny,maxx,maxy")
             query["bbox"] = values
-        cat = catalogue(request.app.state.dbpool)
+        cat = request.app.state.catalogue
         if cat.collection(collection_id) is None:
             raise HTTPException(404, f"Collection {collection_id!r} not found")
         features = cat.search_items(query)
@@ -192,7 +191,7 @@ def catalogue_router(templates: Jinja2Templates) -> APIRouter:
             Query(description="Comma-separated grids to list (default: all), e.g. `LAMB93,WebMercatorQuad`."),
         ] = None,
     ):
-        pool = request.app.state.dbpool
+        cat = request.app.state.catalogue
         grids = supported_tms.list()
         if tilematrixsets:
             wanted = [t.strip() for t in tilematrixsets.split(",") if t.strip()]
@@ -209,13 +208,13 @@ def catalogue_router(templates: Jinja2Templates) -> APIRouter:
         root = str(request.base_url).rstrip("/")
         layers: list[dict[str, Any]] = []
         for cid in visible:
-            doc = catalogue(pool).collection(cid) or {}
+            doc = cat.collection(cid) or {}
             bbox = ((doc.get("extent") or {}).get("spatial") or {}).get("bbox") or [[-180, -90, 180, 90]]
             bounds = [float(v) for v in bbox[0][:4]]
-            available = catalogue(pool).presets(collection_id=cid).available
+            available = cat.presets(collection_id=cid).available
             for tms_id in grids:
                 tms = supported_tms.get(tms_id)
-                zooms = catalogue(pool).zooms((cid,), tms) or (tms.minzoom, tms.maxzoom)
+                zooms = cat.zooms((cid,), tms) or (tms.minzoom, tms.maxzoom)
                 for name, preset in available.items():
                     layer_zooms = preset.minmax_zoom or zooms
                     layers.append(
@@ -266,7 +265,7 @@ def presets_router() -> APIRouter:
         dependencies=[METADATA.on("collection").depends()],
     )
     def collection_presets(request: Request, collection_id: str) -> dict[str, Any]:
-        ctx = catalogue(request.app.state.dbpool).presets(collection_id=collection_id)
+        ctx = request.app.state.catalogue.presets(collection_id=collection_id)
         base = f"{str(request.base_url).rstrip('/')}/collections/{quote(collection_id, safe='')}"
         return {"collection": collection_id, **_listing(request, ctx, base, item=False)}
 
@@ -276,7 +275,7 @@ def presets_router() -> APIRouter:
         dependencies=[METADATA.on("search").depends()],
     )
     def search_presets(request: Request, search_id: str) -> dict[str, Any]:
-        ctx = catalogue(request.app.state.dbpool).presets(search_id=search_id)
+        ctx = request.app.state.catalogue.presets(search_id=search_id)
         base = f"{str(request.base_url).rstrip('/')}/searches/{quote(search_id, safe='')}"
         return {"search": search_id, **_listing(request, ctx, base, item=False)}
 
@@ -286,7 +285,7 @@ def presets_router() -> APIRouter:
         dependencies=[METADATA.on("collection").depends()],
     )
     def item_presets(request: Request, collection_id: str, item_id: str) -> dict[str, Any]:
-        ctx = catalogue(request.app.state.dbpool).presets(collection_id=collection_id, item_id=item_id)
+        ctx = request.app.state.catalogue.presets(collection_id=collection_id, item_id=item_id)
         base = (
             f"{str(request.base_url).rstrip('/')}/collections/{quote(collection_id, safe='')}"
             f"/items/{quote(item_id, safe='')}"

@@ -42,7 +42,6 @@ from starlette.requests import Request
 from tiler import __version__
 from tiler.access import SCOPE_TOKEN, URL_TOKEN_SEGMENT, Authenticator, _mark
 from tiler.auth import ANONYMOUS, AuthError, InvalidCredentials, Principal, mint_url_token
-from tiler.catalogue import catalogue
 from tiler.errors import InvalidFilter, LimitExceeded, _database_error, _failed_query, _refused_query
 from tiler.limits import check_filter, check_search_body
 from tiler.settings import Settings
@@ -179,9 +178,7 @@ def _default_preset(request: Request, feature: dict) -> str | None:
     """The item's first preset (what a tile without ``preset`` shows), None when it has none."""
     try:
         item = pystac.Item.from_dict(feature, preserve_dict=True)
-        ctx = catalogue(request.app.state.tiler.state.dbpool).presets(
-            feature["collection"], feature["id"], item=item
-        )
+        ctx = request.app.state.tiler.state.catalogue.presets(feature["collection"], feature["id"], item=item)
     except Exception as e:  # noqa: BLE001 - links are a convenience, an odd item keeps its assets
         logger.debug("no presets for STAC item links: %s", type(e).__name__)
         return None

@@ -43,7 +43,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from tiler import metrics
-from tiler.catalogue import catalogue
 from tiler.errors import (
     UpstreamError,
     UpstreamFailed,
@@ -344,7 +343,7 @@ def stream_router(settings: StreamSettings) -> APIRouter:
         upstream_client: UpstreamClient = request.app.state.stream_upstream
         limiter: StreamLimiter = request.app.state.stream_limiter
         asset = await run_in_threadpool(
-            catalogue(request.app.state.dbpool).asset, collection_id, item_id, asset_id, cached=True
+            request.app.state.catalogue.asset, collection_id, item_id, asset_id, cached=True
         )
         href = asset.href
         expected = stream_filename(item_id, asset_id, href, asset.media_type)
