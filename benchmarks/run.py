@@ -58,7 +58,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -75,7 +75,11 @@ NGINX_PORTS = {
     "scale-big": 18084,
     "stream": 18085,
     "stream-direct": 18086,
+    "stream-signed": 18088,
 }
+#: the ``stream-signed`` port is a presigning storage: nginx's secure_link module refuses any
+#: URL without a valid signature and expiry (`tiler.signers.secure_link`, ``stream: redirect``)
+STREAM_SECRET = "bench-secure-link-secret-0123456789"
 #: nginx as a reverse proxy of the ``stream-direct`` port (``--stream-nginx-proxy``): what a proxy
 #: written in C reaches on the same cores, the ceiling for any proxy
 NGINX_PROXY_PORT = 18087
@@ -222,12 +226,17 @@ def start_nginx(cogs: Path, proxy: bool = False) -> Proc:
     """
     d = BENCH / "nginx"
     (d / "tmp").mkdir(parents=True, exist_ok=True)
+    signed = f"""secure_link $dt_signature,$arg_Expires;
+      secure_link_md5 "$secure_link_expires$uri {STREAM_SECRET}";
+      if ($secure_link = "") {{ return 403; }}
+      if ($secure_link = "0") {{ return 410; }}
+      """
     servers = "\n".join(
         f"""  server {{
     listen 127.0.0.1:{port};
     root {cogs};
     access_log {d / (name + ".log")} ranges;
-    location / {{ try_files $uri =404; }}
+    location / {{ {signed if name == "stream-signed" else ""}try_files $uri =404; }}
   }}"""
         for name, port in NGINX_PORTS.items()
     )
@@ -266,6 +275,7 @@ http {{
   uwsgi_temp_path {d / "tmp"};
   scgi_temp_path {d / "tmp"};
   log_format ranges '$msec $request_method $uri "$http_range" $status $body_bytes_sent';
+  map $args $dt_signature {{ default ""; "~(^|&)X-Amz-Signature=(?<s>[^&]*)" $s; }}
 {servers}
 }}
 """
@@ -277,8 +287,9 @@ http {{
     exe = shutil.which("nginx") or "/usr/sbin/nginx"  # /usr/sbin is not on every user's PATH
     p = Proc("nginx", [exe, "-e", str(d / "error.log"), "-c", str(d / "nginx.conf"), "-p", str(d)])
     some = next(iter(sorted(cogs.glob("*.tif")))).name
-    for port in NGINX_PORTS.values():
-        wait_http(port, "/" + some, 20)
+    for name, port in NGINX_PORTS.items():
+        if name != "stream-signed":
+            wait_http(port, "/" + some, 20)
     return p
 
 
@@ -440,6 +451,7 @@ def add_synthetic(dsn: str, cid: str, n: int) -> None:
 
 STREAM_FILE = "BENCH_STREAM_50MiB.tif"
 STREAM_COLLECTION = "bench-stream"
+STREAM_PRESIGNED_COLLECTION = "bench-stream-presigned"
 STREAM_ITEM = "BENCH_STREAM_50MiB"
 STREAM_ASSET = "data"
 #: 4 bands uint16, 2368 px square: ~50 MiB with deflate (12 bits of noise per pixel barely compress)
@@ -497,7 +509,7 @@ def make_stream_cog(cogs: Path) -> dict:
     }
 
 
-def stream_docs(info: dict, port: int) -> tuple[dict, dict]:
+def stream_docs(info: dict, port: int, collection: str = STREAM_COLLECTION) -> tuple[dict, dict]:
     """STAC collection and item of the streaming COG, its href on nginx ``port``."""
     from rasterio.warp import transform_bounds
 
@@ -510,7 +522,7 @@ def stream_docs(info: dict, port: int) -> tuple[dict, dict]:
         "stac_version": "1.0.0",
         "stac_extensions": ["https://stac-extensions.github.io/file/v2.1.0/schema.json"],
         "id": STREAM_ITEM,
-        "collection": STREAM_COLLECTION,
+        "collection": collection,
         "geometry": {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]},
         "bbox": bbox,
         "properties": {"datetime": "2024-06-01T10:30:00Z"},
@@ -528,7 +540,7 @@ def stream_docs(info: dict, port: int) -> tuple[dict, dict]:
     coll = {
         "type": "Collection",
         "stac_version": "1.0.0",
-        "id": STREAM_COLLECTION,
+        "id": collection,
         "description": "One ~50 MiB COG for the raw streaming benchmark.",
         "license": "proprietary",
         "extent": {"spatial": {"bbox": [bbox]}, "temporal": {"interval": [["2024-06-01T10:30:00Z", None]]}},
@@ -538,23 +550,26 @@ def stream_docs(info: dict, port: int) -> tuple[dict, dict]:
 
 
 def load_stream_collection(dsn: str, info: dict) -> None:
-    """Collection ``bench-stream`` with the one item, href on nginx's ``stream`` port (upserted each run)."""
+    """Collections ``bench-stream`` and ``bench-stream-presigned``, upserted each run.
+
+    ``bench-stream``'s href is on nginx's ``stream`` port (proxied by /stream),
+    ``bench-stream-presigned``'s on the presigning ``stream-signed`` port (redirected).
+    """
     from tiler.ingest import load
 
-    coll, item = stream_docs(info, NGINX_PORTS["stream"])
     stac = BENCH / "stac"
     stac.mkdir(parents=True, exist_ok=True)
-    (stac / f"{STREAM_COLLECTION}.json").write_text(json.dumps(coll))
-    (stac / f"{STREAM_COLLECTION}.ndjson").write_text(json.dumps(item) + "\n")
-    load(
-        dsn,
-        [stac / f"{STREAM_COLLECTION}.json", stac / f"{STREAM_COLLECTION}.ndjson"],
-        progress=False,
-        stats=False,
-    )
+    for collection, port in (
+        (STREAM_COLLECTION, NGINX_PORTS["stream"]),
+        (STREAM_PRESIGNED_COLLECTION, NGINX_PORTS["stream-signed"]),
+    ):
+        coll, item = stream_docs(info, port, collection)
+        (stac / f"{collection}.json").write_text(json.dumps(coll))
+        (stac / f"{collection}.ndjson").write_text(json.dumps(item) + "\n")
+        load(dsn, [stac / f"{collection}.json", stac / f"{collection}.ndjson"], progress=False, stats=False)
 
 
-def stream_route_path() -> str:
+def stream_route_path(collection: str = STREAM_COLLECTION) -> str:
     """Our ``/stream/...`` path of the streaming item's asset, from the route's own template.
 
     The template may end in a ``{filename}`` (ignored by the server); it gets the name the STAC
@@ -566,7 +581,7 @@ def stream_route_path() -> str:
     namer = getattr(stream, "stream_filename", None)
     filename = namer(STREAM_ITEM, STREAM_ASSET, href, "image/tiff") if namer else STREAM_FILE
     return stream.STREAM_PATH.format(
-        collection_id=STREAM_COLLECTION, item_id=STREAM_ITEM, asset_id=STREAM_ASSET, filename=filename
+        collection_id=collection, item_id=STREAM_ITEM, asset_id=STREAM_ASSET, filename=filename
     )
 
 
@@ -770,19 +785,43 @@ class RangeReader:
     shares the machine's cores with nginx and the server it measures.
     """
 
-    def __init__(self, port: int, size: int):
-        self.port, self.size = port, size
-        self.conn: http.client.HTTPConnection | None = None
+    def __init__(self, port: int, size: int, follow: bool = False):
+        self.port, self.size, self.follow = port, size, follow
+        self.conns: dict[int, http.client.HTTPConnection] = {}
         self.buf = memoryview(bytearray(max(RANGE_MAX, WHOLE_CHUNK)))
+        #: ``follow``: the presigned target of a 307 (port, path and query, reuse until), and how
+        #: many redirects were asked; GDAL does the same (one per file until the URL expires)
+        self.target: tuple[int, str, float] | None = None
+        self.redirects = 0
+
+    def _conn(self, port: int) -> http.client.HTTPConnection:
+        conn = self.conns.get(port)
+        if conn is None:
+            conn = self.conns[port] = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        return conn
 
     def get(self, path: str, start: int, end: int) -> int:
         """GET ``bytes=start-end``; the bytes received (checked: 206, Content-Range, length)."""
-        if self.conn is None:
-            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         want = end - start + 1
+        headers = {"Range": f"bytes={start}-{end}"}
+        port = self.port
+        if self.follow and self.target is not None and time.time() < self.target[2]:
+            port, path = self.target[0], self.target[1]
         try:
-            self.conn.request("GET", path, headers={"Range": f"bytes={start}-{end}"})
-            r = self.conn.getresponse()
+            conn = self._conn(port)
+            conn.request("GET", path, headers=headers)
+            r = conn.getresponse()
+            if r.status == 307 and self.follow:
+                r.read()
+                loc = urlsplit(r.getheader("Location") or "")
+                if loc.hostname != "127.0.0.1" or loc.port is None:
+                    raise RangeError(f"redirect off loopback: {loc.hostname}")
+                expires = int(parse_qs(loc.query).get("Expires", ["0"])[0])
+                self.target = (loc.port, f"{loc.path}?{loc.query}", expires - 1)
+                self.redirects += 1
+                conn = self._conn(loc.port)
+                conn.request("GET", self.target[1], headers=headers)
+                r = conn.getresponse()
             if r.status != 206 or r.getheader("Content-Range") != f"bytes {start}-{end}/{self.size}":
                 r.read()
                 raise RangeError(f"HTTP {r.status}, Content-Range {r.getheader('Content-Range')}")
@@ -800,10 +839,10 @@ class RangeReader:
             raise
 
     def close(self) -> None:
-        """Drop the connection."""
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        """Drop the connections."""
+        for conn in self.conns.values():
+            conn.close()
+        self.conns.clear()
 
 
 def random_range(rng: random.Random, size: int) -> tuple[int, int]:
@@ -814,14 +853,23 @@ def random_range(rng: random.Random, size: int) -> tuple[int, int]:
 
 
 def run_ranges(
-    port: int, path: str, size: int, readers: int, *, whole: bool = False, seconds: float = 0, seed: int = 0
+    port: int,
+    path: str,
+    size: int,
+    readers: int,
+    *,
+    whole: bool = False,
+    seconds: float = 0,
+    seed: int = 0,
+    follow: bool = False,
 ) -> dict:
     """``readers`` keep-alive clients reading ranges of one file for ``seconds``; MB/s and latencies.
 
     Random ranges (`random_range`, each reader its own seeded sequence, so every server is
     asked the same ranges in the same order) until the time is up; or, ``whole``, the whole
     file in 1 MiB ranges taken in order from a shared queue, pass after pass until the time
-    is up (at least one pass; the pass under way is finished).
+    is up (at least one pass; the pass under way is finished). ``follow``: each reader follows
+    a 307 and reads from its target until the target's ``Expires``, as GDAL does.
     """
     one_pass = [(a, min(a + WHOLE_CHUNK, size) - 1) for a in range(0, size, WHOLE_CHUNK)]
     queue: deque | None = deque(one_pass) if whole else None
@@ -831,9 +879,10 @@ def run_ranges(
     out: list[tuple[float, int]] = []  # (seconds, bytes) of every answer
     errors: list[str] = []
     deadline = [0.0]
+    redirects = [0]
 
     def reader(k: int) -> None:
-        rd = RangeReader(port, size)
+        rd = RangeReader(port, size, follow=follow)
         rng = random.Random(seed * 1000 + k)
         mine: list[tuple[float, int]] = []
         barrier.wait()
@@ -860,6 +909,7 @@ def run_ranges(
         rd.close()
         with lock:
             out.extend(mine)
+            redirects[0] += rd.redirects
 
     threads = [threading.Thread(target=reader, args=(k,), daemon=True) for k in range(readers)]
     for th in threads:
@@ -885,11 +935,15 @@ def run_ranges(
         "p50_ms": 1000 * pct(lat, 50),
         "p95_ms": 1000 * pct(lat, 95),
         "client_cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
+        "redirects": redirects[0],
     }
 
 
-def check_ranges(port: int, path: str, local: Path) -> list[dict]:
-    """A sample of ranges (and the whole file once) through ``port``, compared with the file on disk."""
+def check_ranges(port: int, path: str, local: Path, follow: bool = False) -> list[dict]:
+    """A sample of ranges (and the whole file once) through ``port``, compared with the file on disk.
+
+    ``follow``: a 307 is followed (to loopback only), as GDAL would.
+    """
     import hashlib
 
     data = local.read_bytes()
@@ -907,6 +961,15 @@ def check_ranges(port: int, path: str, local: Path) -> list[dict]:
         conn.request("GET", path, headers={"Range": ask} if ask else {})
         r = conn.getresponse()
         body = r.read()
+        if follow and r.status == 307:
+            loc = urlsplit(r.getheader("Location") or "")
+            if loc.hostname != "127.0.0.1" or loc.port is None:
+                raise RuntimeError(f"stream: redirect off loopback ({loc.hostname})")
+            target = http.client.HTTPConnection("127.0.0.1", loc.port, timeout=60)
+            target.request("GET", f"{loc.path}?{loc.query}", headers={"Range": ask} if ask else {})
+            r = target.getresponse()
+            body = r.read()
+            target.close()
         if ask is None:
             want, expect_status = data, 200
         else:
@@ -1451,19 +1514,38 @@ class Bench:
         a = self.args
         readers, seconds = a.stream_readers, a.stream_seconds
         size, local = info["size"], info["path"]
-        paths = {"ours": stream_route_path(), "direct": f"/{STREAM_FILE}", "nginx-proxy": f"/{STREAM_FILE}"}
+        paths = {
+            "ours": stream_route_path(),
+            "ours-redirect": stream_route_path(STREAM_PRESIGNED_COLLECTION),
+            "direct": f"/{STREAM_FILE}",
+            "nginx-proxy": f"/{STREAM_FILE}",
+        }
         ports = {
             "ours": SERVER_PORTS["ours"],
+            "ours-redirect": SERVER_PORTS["ours"],
             "direct": NGINX_PORTS["stream-direct"],
             "nginx-proxy": NGINX_PROXY_PORT,
         }
-        sides = ("ours", "direct", "nginx-proxy") if a.stream_nginx_proxy else ("ours", "direct")
-        extra = dict(kv.split("=", 1) for kv in a.stream_env)
+        follow = {"ours-redirect": True}
+        sides: tuple[str, ...] = ("ours", "ours-redirect", "direct")
+        if a.stream_nginx_proxy:
+            sides += ("nginx-proxy",)
+        # the presigning storage's prefix: /stream answers 307 to a secure_link URL there
+        creds = BENCH / "stream-credentials.yaml"
+        creds.write_text(
+            f"- prefix: http://127.0.0.1:{NGINX_PORTS['stream-signed']}/\n"
+            "  signer: tiler.signers:secure_link\n  stream: redirect\n"
+        )
+        extra = {"TILER_UPSTREAM_CREDENTIALS_FILE": str(creds), "TILER_SECURE_LINK_SECRET": STREAM_SECRET}
+        extra.update(dict(kv.split("=", 1) for kv in a.stream_env))
         procs = start_servers(a.stream_workers, py, only="ours", extra_env=extra)
         master = procs["ours"].pid
         try:
             pids = worker_pids(master, a.stream_workers)
-            checks = {who: check_ranges(ports[who], paths[who], local) for who in sides}
+            checks = {
+                who: check_ranges(ports[who], paths[who], local, follow=follow.get(who, False))
+                for who in sides
+            }
             bad = [
                 f"{who} {c['range']}: HTTP {c['status']}, {c['bytes']} bytes, equal {c['equal']}"
                 + (f" ({c['body']})" if c["body"] else "")
@@ -1478,10 +1560,14 @@ class Bench:
             # (imports, the asset href cache, the storage client's connections)
             run_ranges(ports["direct"], paths["direct"], size, readers, whole=True)
             run_ranges(ports["ours"], paths["ours"], size, readers, seconds=1.0, seed=999)
+            run_ranges(
+                ports["ours"], paths["ours-redirect"], size, readers, seconds=1.0, seed=999, follow=True
+            )
             time.sleep(0.5)
             rss_start = {pid: memory(pid) for pid in pids}
             sampler = RssSampler(pids).start()
             olog = OriginLog("stream")
+            slog = OriginLog("stream-signed")
             runs: dict[str, list[dict]] = {who: [] for who in sides}
             rounds_rss = []
             try:
@@ -1489,14 +1575,18 @@ class Bench:
                     t_round = time.monotonic()
                     for who in sides if r % 2 == 0 else sides[::-1]:
                         olog.mark()
+                        slog.mark()
                         cpu_w0 = {pid: cpu_seconds(pid) for pid in pids}
                         cpu_n0 = cpu_seconds(nginx.pid)
                         spies = (
                             self.spy_start("raw stream", master, a.stream_workers) if who == "ours" else []
                         )
-                        rnd = run_ranges(ports[who], paths[who], size, readers, seconds=seconds, seed=r)
+                        fw = follow.get(who, False)
+                        rnd = run_ranges(
+                            ports[who], paths[who], size, readers, seconds=seconds, seed=r, follow=fw
+                        )
                         whole = run_ranges(
-                            ports[who], paths[who], size, readers, whole=True, seconds=seconds / 2
+                            ports[who], paths[who], size, readers, whole=True, seconds=seconds / 2, follow=fw
                         )
                         self.spy_stop(spies)
                         entry = {
@@ -1506,20 +1596,28 @@ class Bench:
                             "nginx_cpu_s": cpu_seconds(nginx.pid) - cpu_n0,
                             "errors": rnd["errors"] + whole["errors"],
                         }
-                        if who == "ours":
-                            o = olog.since()
+                        origin_log = {"ours": olog, "ours-redirect": slog}.get(who)
+                        if origin_log is not None:
+                            o = origin_log.since()
                             entry["origin"] = {
                                 "requests": o["requests"],
                                 "head": o["head"],
                                 "bytes": o["bytes"],
                                 "client_requests": rnd["requests"] + whole["requests"] + entry["errors"],
                                 "client_bytes": rnd["bytes"] + whole["bytes"],
+                                "redirects": rnd["redirects"] + whole["redirects"],
                             }
                         runs[who].append(entry)
                     end = {pid: memory(pid)["VmRSS"] for pid in pids}
                     peak = sampler.peak(t_round)
                     rounds_rss.append({"end": end, "peak": peak})
-                    o, d = runs["ours"][-1], runs["direct"][-1]
+                    o, d, v = runs["ours"][-1], runs["direct"][-1], runs["ours-redirect"][-1]
+                    log(
+                        f"stream round {r + 1}: presigned redirect random {v['random']['MBps']:.0f} MB/s "
+                        f"({v['random']['MBps'] / d['random']['MBps']:.2f}), whole file {v['whole']['MBps']:.0f} "
+                        f"({v['whole']['MBps'] / d['whole']['MBps']:.2f}), "
+                        f"{v['origin']['redirects']} redirects for {v['origin']['client_requests']} ranges"
+                    )
                     if "nginx-proxy" in runs:
                         x = runs["nginx-proxy"][-1]
                         log(
@@ -1556,6 +1654,11 @@ class Bench:
             ]
             for kind in ("random", "whole")
         }
+        for kind in ("random", "whole"):
+            ratios[f"redirect {kind}"] = [
+                x[kind]["MBps"] / d[kind]["MBps"]
+                for x, d in zip(runs["ours-redirect"], runs["direct"], strict=True)
+            ]
         if "nginx-proxy" in runs:
             for kind in ("random", "whole"):
                 ratios[f"nginx-proxy {kind}"] = [
@@ -1576,7 +1679,9 @@ class Bench:
         )
         log(
             f"stream: median ours/direct random {statistics.median(ratios['random']):.2f}, "
-            f"whole file {statistics.median(ratios['whole']):.2f}"
+            f"whole file {statistics.median(ratios['whole']):.2f}; presigned redirect random "
+            f"{statistics.median(ratios['redirect random']):.2f}, whole file "
+            f"{statistics.median(ratios['redirect whole']):.2f}"
         )
 
     def memory_snapshot(self, procs: dict[str, Proc], label: str) -> dict:
@@ -2016,6 +2121,31 @@ def table(results: dict, args: argparse.Namespace) -> list[dict]:
                 ">= 0.8",
                 ratio >= 0.8,
                 "{:.0f}",
+            )
+        for kind, what in (
+            (("random", "random ranges"), ("whole", "whole file")) if "ours-redirect" in r else ()
+        ):
+            ratio = statistics.median(st["ratios"][f"redirect {kind}"])
+            row(
+                f"raw stream, presigned redirect (`stream: redirect`, nginx secure_link storage), {what}: "
+                "MB/s (stock column = nginx read directly)",
+                statistics.median(x[kind]["MBps"] for x in r["ours-redirect"]),
+                statistics.median(x[kind]["MBps"] for x in r["direct"]),
+                ratio,
+                ">= 0.8",
+                ratio >= 0.8,
+                "{:.0f}",
+            )
+        if "ours-redirect" in r:
+            red = [x["origin"] for x in r["ours-redirect"]]
+            row(
+                "raw stream, presigned redirect: requests to ours (307) / ranges read from the storage, bytes equal",
+                f"{sum(o['redirects'] for o in red)} / {sum(o['requests'] for o in red)}, "
+                + ("yes" if all(o["bytes"] == o["client_bytes"] for o in red) else "NO"),
+                None,
+                None,
+                "1 per reader per URL lifetime",
+                all(o["bytes"] == o["client_bytes"] for o in red),
             )
         for kind in ("random", "whole") if "nginx-proxy" in r else ():
             ratio = statistics.median(st["ratios"][f"nginx-proxy {kind}"])

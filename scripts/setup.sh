@@ -9,9 +9,10 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # `setup.sh test` also installs the real clients the tests drive: QGIS (Debian's python3-qgis,
 # run offscreen by the system python3) with its WMS/XYZ provider, headless Chromium, and
-# redis-server (the tests start private instances of it for the shared tile cache).
+# redis-server (the tests start private instances of it for the shared tile cache), and nginx
+# (a private instance with its secure_link module is the presigning storage of the tests).
 packages=(postgresql-15 postgresql-15-postgis-3 python3-venv)
-if [ "${1:-}" = "test" ]; then packages+=(python3-qgis qgis-providers chromium redis-server); fi
+if [ "${1:-}" = "test" ]; then packages+=(python3-qgis qgis-providers chromium redis-server nginx); fi
 need=()
 for pkg in "${packages[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
@@ -22,7 +23,7 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 # Debian starts a system cluster on 5432 when it installs PostgreSQL (and redis-server on
-# 6379 where systemd runs); we never use them.
+# 6379, nginx on 80, where systemd runs); we never use them.
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

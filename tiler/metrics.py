@@ -106,6 +106,12 @@ STREAM_BYTES = Counter(
     "Bytes of asset files relayed to clients by /stream (raw COG streaming), by collection.",
     ["collection"],
 )
+STREAM_REDIRECTS = Counter(
+    "tiler_stream_redirects_total",
+    "Stream requests answered with a redirect to a presigned storage URL (prefixes with "
+    "`stream: redirect`; the bytes then go from the storage to the client), by collection.",
+    ["collection"],
+)
 STREAMS_IN_FLIGHT = Gauge(
     "tiler_streams_in_flight", "Raw file streams open (/stream).", multiprocess_mode="livesum"
 )
@@ -127,6 +133,7 @@ FAMILIES = (
     ORIGIN_REQUESTS,
     ORIGIN_BYTES,
     STREAM_BYTES,
+    STREAM_REDIRECTS,
     STREAMS_IN_FLIGHT,
     STREAM_REFUSED,
 )

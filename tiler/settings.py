@@ -430,6 +430,24 @@ class StreamSettings(BaseSettings):
         return self.chunk_kb * 1024
 
 
+class SecureLinkSettings(BaseSettings):
+    """The ``tiler.signers:secure_link`` signer: presigned URLs checked by nginx's secure_link module."""
+
+    secret: SecretStr | None = Field(
+        default=None, description="Secret shared with the storage's `secure_link_md5` expression."
+    )
+    ttl: int = Field(
+        default=300,
+        ge=30,
+        le=86400,
+        description="Seconds a presigned URL stays valid (GDAL reuses it until then).",
+    )
+
+    model_config = SettingsConfigDict(
+        env_prefix="TILER_SECURE_LINK_", extra="ignore", hide_input_in_errors=True
+    )
+
+
 class TileCacheSettings(BaseSettings):
     """The cache of rendered tiles: one in-process LRU per worker, then an optional shared Redis.
 

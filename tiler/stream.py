@@ -20,10 +20,15 @@ and conditional requests passed through.
   one re-sign, 5xx, redirect, cut connection), 503 + ``Retry-After`` (429/503 twice), 504
   (no answer). Messages name the item and asset, never a URL.
 
-Why a proxy and not a redirect to a presigned URL: the link stays ours (rights and
-revocation apply to every range request, and a presigned URL could be passed on until it
-expires), it works the same for every storage (HTTP with a token header, S3 through a
-signer), and GDAL caches a redirect target per file, which would outlive a short signature.
+Proxy or redirect, per storage prefix (``stream:`` of the upstream credential): by default a
+proxy, since the link stays ours (rights and revocation apply to every range request) and it
+works the same for every storage (HTTP with a token header, S3 through a signer). Where the
+storage can presign (S3, nginx ``secure_link``, a CDN), ``stream: redirect`` answers each
+request, after the same rights check, with a ``307`` to a URL presigned for minutes: the
+bytes then go from the storage to the client at the storage's speed, and GDAL reuses the
+presigned URL for every range of the file until it expires, then asks this link again (so a
+revoked right stops a reader within the signature's lifetime). The storage's address and a
+presigned URL for that one file reach the client; no credential of the server does.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from tiler.errors import (
 )
 from tiler.operations import STREAM
 from tiler.settings import StreamSettings
-from tiler.upstream import headers_for, signer_for
+from tiler.upstream import headers_for, redirects, signer_for
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +203,8 @@ class UpstreamClient:
             await self._client.aclose()
             self._client = None
 
-    async def _sign(self, href: str, refresh: bool) -> str:
+    async def sign(self, href: str, refresh: bool = False) -> str:
+        """``href`` as the storage wants it: signed by its prefix's signer, if any."""
         signer = signer_for(href)
         if signer is None:
             return href
@@ -214,7 +220,7 @@ class UpstreamClient:
             raise UpstreamFailed(
                 f"Asset {label} is not on an HTTP storage and no signer makes it one; it cannot be streamed."
             )
-        url = await self._sign(href, refresh=False)
+        url = await self.sign(href, refresh=False)
         if not url.startswith(("http://", "https://")):
             raise UpstreamFailed(f"The signer of asset {label} did not give an HTTP URL.")
         # identity: the bytes relayed are the file's, whatever the storage could compress
@@ -246,7 +252,7 @@ class UpstreamClient:
             if code in (401, 403) and not resigned and signer_for(href) is not None:
                 resigned = True
                 logger.info("storage refused a signed href while streaming; signing it again")
-                url = await self._sign(href, refresh=True)
+                url = await self.sign(href, refresh=True)
                 continue
             if (code >= 500 or code == 429) and not retried:
                 retried = True
@@ -351,6 +357,17 @@ def stream_router(settings: StreamSettings) -> APIRouter:
             # one file per asset: GDAL probes siblings (`.ovr`, `.aux.xml`, `.msk`) by name, and
             # must not find the same TIFF under each of them
             raise HTTPException(404, f"Asset {item_id}/{asset_id} has one file, named {expected!r}")
+        if redirects(href):
+            # a presigning storage: the client reads the file from it, with a URL valid for
+            # minutes (GDAL reuses it for every range until it expires, then asks here again)
+            url = await upstream_client.sign(href)
+            if not url.startswith(("http://", "https://")):
+                raise UpstreamFailed(f"The signer of asset {item_id}/{asset_id} did not give an HTTP URL.")
+            metrics.STREAM_REDIRECTS.labels(collection_id).inc()
+            return Response(
+                status_code=307,
+                headers={"location": url, "cache-control": "private, no-store", "accept-ranges": "bytes"},
+            )
         who = _who(request)
         refused = limiter.acquire(who)
         if refused is not None:

@@ -9,6 +9,9 @@ list of entries::
       options: {AWS_ACCESS_KEY_ID: "${S3_KEY}", AWS_SECRET_ACCESS_KEY: "${S3_SECRET}"}
     - prefix: https://signed.example.org/
       signer: mypackage.signing:sign       # callable(href, refresh=False) -> signed href
+    - prefix: https://presigned.example.org/
+      signer: tiler.signers:secure_link    # a presigning storage (S3, nginx secure_link, a CDN)
+      stream: redirect                     # /stream answers 307 to the signed URL (default: proxy)
 
 ``${NAME}`` is replaced by the environment variable ``NAME`` so secrets can
 stay out of the file. Headers and options are registered with GDAL as
@@ -61,6 +64,9 @@ class Credential:
     headers: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, str] = field(default_factory=dict)
     signer: Signer | None = None
+    #: how ``/stream`` serves files under the prefix: ``proxy`` (relayed through this server)
+    #: or ``redirect`` (a 307 to the signer's short-lived presigned URL; needs a signer)
+    stream: str = "proxy"
 
 
 def _expand(value: Any, where: str) -> str:
@@ -95,7 +101,7 @@ def parse_credentials(doc: Any) -> list[Credential]:
         where = f"upstream credential #{i}"
         if not isinstance(raw, Mapping) or not raw.get("prefix"):
             raise PolicyError(f"{where}: needs a `prefix`")
-        unknown = set(raw) - {"prefix", "headers", "options", "signer"}
+        unknown = set(raw) - {"prefix", "headers", "options", "signer", "stream"}
         if unknown:
             raise PolicyError(f"{where}: unknown keys {sorted(unknown)}")
         prefix = str(raw["prefix"])
@@ -107,7 +113,12 @@ def parse_credentials(doc: Any) -> list[Credential]:
                 raise PolicyError(f"{where}: header {k!r} contains a line break")
         options = {str(k).upper(): _expand(v, where) for k, v in (raw.get("options") or {}).items()}
         signer = _load_signer(str(raw["signer"]), where) if raw.get("signer") else None
-        out.append(Credential(prefix, headers, options, signer))
+        stream = str(raw.get("stream") or "proxy")
+        if stream not in ("proxy", "redirect"):
+            raise PolicyError(f"{where}: `stream` must be proxy or redirect, not {stream!r}")
+        if stream == "redirect" and signer is None:
+            raise PolicyError(f"{where}: `stream: redirect` needs a `signer` that presigns the href")
+        out.append(Credential(prefix, headers, options, signer, stream))
     return out
 
 
@@ -163,6 +174,7 @@ def uninstall(credentials: list[Credential]) -> None:
 
 _signers: list[tuple[str, Signer]] = []
 _headers: list[tuple[str, Mapping[str, str]]] = []
+_redirects: list[str] = []
 
 
 def set_signers(credentials: list[Credential]) -> None:
@@ -173,6 +185,16 @@ def set_signers(credentials: list[Credential]) -> None:
     """
     _signers[:] = sorted(((c.prefix, c.signer) for c in credentials if c.signer), key=lambda t: -len(t[0]))
     _headers[:] = sorted(((c.prefix, c.headers) for c in credentials if c.headers), key=lambda t: -len(t[0]))
+    _redirects[:] = [c.prefix for c in credentials if c.stream == "redirect"]
+
+
+def redirects(href: str) -> bool:
+    """True when ``/stream`` answers a redirect to the presigned href instead of relaying the bytes.
+
+    The longest matching prefix decides (a ``proxy`` entry under a ``redirect`` one wins).
+    """
+    matching = [p for p, _ in _signers if href.startswith(p)]
+    return bool(matching) and matching[0] in _redirects
 
 
 def headers_for(href: str) -> dict[str, str]:
