@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rio_tiler.profiles import img_profiles
 
-from tiler import datasets
+from tiler import datasets, warpcache
 from tiler.logs import configure_logging, redact_library_logs
 from tiler.metrics import ORIGIN
 from tiler.settings import Settings
@@ -27,6 +27,7 @@ def configure_process(settings: Settings) -> list[Credential]:
     datasets.configure(settings.reader.pool_size, settings.reader.pool_per_file, settings.reader.pool_ttl)
     # titiler's render_image lets rio-tiler's profile win over per-call options: set the level there
     img_profiles.data["png"]["zlevel"] = settings.reader.png_zlevel
+    warpcache.install()
     credentials = load_credentials(settings.upstream.credentials_file)
     if settings.cog.enabled:
         for cred in credentials:
