@@ -50,10 +50,12 @@ def test_every_route_declares_its_operation(dsn, cog_server, tmp_path):
             assert "{collection_id}" in path, path
         if op.resource == "search":
             assert "{search_id}" in path, path
+        if op.resource == "search_pair":
+            assert path.startswith("/compare/searches/{before}/{after}/"), path
         if op.resource == "cog":
             assert path.startswith("/cog/"), path
         if op.renders:  # reads pixels: tiles, previews, thumbnails, points, parts, statistics
-            assert op.resource in ("collection", "search", "cog"), path
+            assert op.resource in ("collection", "search", "search_pair", "cog"), path
     assert not undeclared, undeclared
     assert seen > 100  # titiler's factories are all there
     by_path = {(m, p): declared_all(r)[0] for ms, p, r in _routes(app) for m in ms}
@@ -66,6 +68,9 @@ def test_every_route_declares_its_operation(dsn, cog_server, tmp_path):
     assert by_path[("GET", "/cog/WMTSCapabilities.xml")].resource == "cog"
     assert not by_path[("POST", "/searches/register")].store
     assert by_path[("GET", "/healthz")].resource == "public"
+    pair = "/compare/searches/{before}/{after}"
+    assert by_path[("GET", pair + "/tiles/{tileMatrixSetId}/{z}/{x}/{y}.{format}")].resource == "search_pair"
+    assert by_path[("GET", pair + "/WMTSCapabilities.xml")] == METADATA.on("search_pair")
 
 
 def test_a_route_without_declaration_is_refused(dsn, tmp_path):

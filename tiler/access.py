@@ -324,6 +324,21 @@ def _mark(request: Request, principal: Principal) -> None:
         holder["private"] = True
 
 
+def _check_search(
+    principal: Principal, policy: Policy, op: Operation, request: Request, search_id: str
+) -> None:
+    """``op`` on every collection a registered search reads (all of them for an unrestricted one)."""
+    try:
+        cols = request.app.state.catalogue.search_restriction(search_id)
+    except KeyError:
+        raise HTTPException(404, f"SearchId `{search_id}` not found") from None
+    if cols is None:
+        _check(principal, principal.access(policy, "*"), op, request, "an unrestricted search")
+        return
+    for c in cols:
+        _check(principal, principal.access(policy, c), op, request, f"collection {c!r}")
+
+
 def authorize(request: Request) -> None:
     """Application-wide dependency: find the caller and enforce the policy for the route's `Operation`."""
     auth: Authenticator | None = getattr(request.app.state, "auth", None)
@@ -355,22 +370,20 @@ def authorize(request: Request) -> None:
     if op.resource == "catalogue":
         return  # lists only what the caller may see
     policy = auth.policy
-    search_id = params.get("search_id") if op.resource == "search" else None
-    if tok is not None and tok.search is not None and search_id != tok.search:
+    if op.resource == "search":
+        search_ids = [params.get("search_id")]
+    elif op.resource == "search_pair":  # /compare/searches/{before}/{after}: both must pass
+        search_ids = [params.get("before"), params.get("after")]
+    else:
+        search_ids = [None]
+    if tok is not None and tok.search is not None and any(s != tok.search for s in search_ids):
         raise HTTPException(403, "This URL token is limited to one search")
     if op.resource in ("collection", "stream") and (collection := params.get("collection_id")):
         _check(principal, principal.access(policy, collection), op, request, f"collection {collection!r}")
         return
-    if op.resource == "search" and search_id:
-        try:
-            cols = request.app.state.catalogue.search_restriction(search_id)
-        except KeyError:
-            raise HTTPException(404, f"SearchId `{search_id}` not found") from None
-        if cols is None:
-            _check(principal, principal.access(policy, "*"), op, request, "an unrestricted search")
-            return
-        for c in cols:
-            _check(principal, principal.access(policy, c), op, request, f"collection {c!r}")
+    if op.resource in ("search", "search_pair") and all(search_ids):
+        for search_id in search_ids:
+            _check_search(principal, policy, op, request, search_id)
         return
     if op.resource == "register":
         if tok is not None:

@@ -47,6 +47,10 @@ class PresetNotFound(InvalidPreset):
     """``preset=`` names no preset of this collection or item."""
 
 
+class InvalidComparison(TilerError):
+    """Two dates that cannot be compared (no overlap, different bands) or a request a comparison cannot serve."""
+
+
 class LimitExceeded(TilerError):
     """A size, expression or filter over one of the server's caps (``TILER_LIMIT_*``)."""
 
@@ -105,6 +109,7 @@ STATUS_CODES: dict[type[Exception], int] = {
     AssetNotFound: status.HTTP_404_NOT_FOUND,
     InvalidPansharpenParameters: status.HTTP_400_BAD_REQUEST,
     InvalidPreset: status.HTTP_400_BAD_REQUEST,
+    InvalidComparison: status.HTTP_400_BAD_REQUEST,
     DeadlineExceeded: status.HTTP_504_GATEWAY_TIMEOUT,
     RequestCancelled: 499,  # nginx's "client closed request": never seen by the client
     UpstreamNotFound: status.HTTP_404_NOT_FOUND,

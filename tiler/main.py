@@ -40,6 +40,7 @@ from titiler.pgstac.factory import MosaicTilerFactory, add_search_list_route, ad
 from tiler import __version__
 from tiler.access import Authenticator, UrlTokenMiddleware, auth_router, authorize, restricted_search_params
 from tiler.cache import CachedRoute, CachePolicyMiddleware, tile_cache
+from tiler.compare import add_compare_routes
 from tiler.concurrency import RenderLimiter, render_slot
 from tiler.deadline import DeadlineMiddleware
 from tiler.dependencies import (
@@ -270,6 +271,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.include_router(cog.router, tags=["Cloud Optimized GeoTIFF"], prefix="/cog")
         conforms_to |= cog.conforms_to
+
+    # two dates compared: two items of a collection, or two searches (tiles, TileJSON, WMTS, viewer)
+    conforms_to |= add_compare_routes(app, settings, pages, common)
 
     # tiling schemes, algorithms, colour maps: public
     for factory in (

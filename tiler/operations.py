@@ -30,10 +30,21 @@ Right = Literal["metadata", "tiles", "preview", "data"]
 #: ``public`` (no check), ``account`` (``/auth``: the route checks the caller itself),
 #: ``self`` (checks its own credential before any other is parsed: ``/metrics``),
 #: ``catalogue`` (lists only what the caller may see), ``collection`` / ``search``
-#: (the ``collection_id`` / ``search_id`` path parameter), ``stream`` (raw bytes of an
+#: (the ``collection_id`` / ``search_id`` path parameter), ``search_pair`` (the ``before`` and
+#: ``after`` search ids of ``/compare/searches``: both must pass), ``stream`` (raw bytes of an
 #: item's asset), ``searches`` (every registered search), ``register``, ``cog``.
 Resource = Literal[
-    "public", "account", "self", "catalogue", "collection", "search", "stream", "searches", "register", "cog"
+    "public",
+    "account",
+    "self",
+    "catalogue",
+    "collection",
+    "search",
+    "search_pair",
+    "stream",
+    "searches",
+    "register",
+    "cog",
 ]
 #: which size caps apply (`tiler.settings.LimitSettings`)
 Sizes = Literal["preview", "part", "statistics", "thumbnail"]

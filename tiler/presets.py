@@ -62,6 +62,10 @@ _RENDER_KEYS = {
     "thumbnail",
     "links",
 }
+#: Keys of a comparison preset (two dates): ``kind`` and ``of`` (the single-date preset compared).
+_COMPARISON_KEYS = {"title", "description", "kind", "of", "rescale", "colormap_name", "colormap"}
+#: How a comparison combines its two dates: ``difference`` is after minus before, band by band.
+COMPARISON_KINDS = ("difference",)
 
 
 def common_name(band: Mapping[str, Any]) -> str | None:
@@ -168,6 +172,14 @@ class Preset:
     resampling: str | None = None
     minmax_zoom: tuple[int, int] | None = None
     pansharpen: Mapping[str, Any] | None = field(default=None, hash=False, compare=False)
+    #: comparison presets (two dates): how they combine (`COMPARISON_KINDS`) and the preset compared
+    kind: str | None = None
+    of: str | None = None
+
+    @property
+    def is_comparison(self) -> bool:
+        """True for a preset over two dates (served by ``/compare``), not one item or mosaic."""
+        return self.kind is not None
 
     @classmethod
     def from_mapping(cls, name: str, data: Mapping[str, Any], source: str) -> Preset:
@@ -175,6 +187,8 @@ class Preset:
         if not isinstance(data, Mapping):
             raise InvalidPreset(f"preset {name!r}: expected an object")
         values: dict[str, Any] = copy.deepcopy(dict(data))
+        if "kind" in values:
+            return cls._comparison(name, values, source)
         unknown = set(values) - _RENDER_KEYS
         if unknown:
             raise InvalidPreset(f"preset {name!r}: unknown key(s) {', '.join(sorted(unknown))}")
@@ -215,6 +229,38 @@ class Preset:
             pansharpen=values.get("pansharpen"),
         )
 
+    @classmethod
+    def _comparison(cls, name: str, values: dict[str, Any], source: str) -> Preset:
+        unknown = set(values) - _COMPARISON_KEYS
+        if unknown:
+            raise InvalidPreset(f"comparison preset {name!r}: unknown key(s) {', '.join(sorted(unknown))}")
+        if values["kind"] not in COMPARISON_KINDS:
+            raise InvalidPreset(
+                f"comparison preset {name!r}: `kind` must be one of {', '.join(COMPARISON_KINDS)}"
+            )
+        if not isinstance(values.get("of"), str) or not values["of"]:
+            raise InvalidPreset(f"comparison preset {name!r}: `of` must name the preset compared")
+        try:
+            rescale = (
+                tuple((float(lo), float(hi)) for lo, hi in values["rescale"])
+                if values.get("rescale")
+                else None
+            )
+        except (TypeError, ValueError):
+            raise InvalidPreset(f"comparison preset {name!r}: bad `rescale`") from None
+        cmap = values.get("colormap")
+        return cls(
+            name=name,
+            title=str(values.get("title") or name),
+            source=source,
+            description=values.get("description"),
+            rescale=rescale,
+            colormap_name=values.get("colormap_name"),
+            colormap=json.dumps(cmap) if isinstance(cmap, dict | list) else cmap,
+            kind=values["kind"],
+            of=values["of"],
+        )
+
     @property
     def needs(self) -> tuple[str, ...]:
         """Common names this preset reads (empty for presets given by asset name)."""
@@ -228,7 +274,9 @@ class Preset:
         return tuple(names)
 
     def applies_to(self, layout: Mapping[str, str], asset_keys: Iterable[str] = ()) -> bool:
-        """True if every band (or asset) it reads exists in ``layout``/``asset_keys``."""
+        """True if every band (or asset) it reads exists in ``layout``/``asset_keys`` (never for a comparison)."""
+        if self.is_comparison:
+            return False
         if self.assets:
             keys = set(asset_keys)
             return all(a.split("|", 1)[0] in keys for a in self.assets)
@@ -236,6 +284,8 @@ class Preset:
 
     def resolve(self, layout: Mapping[str, str]) -> Resolved:
         """Tile parameters for ``layout`` (``{common_name: asset}``); `PresetNotApplicable` if a band is missing."""
+        if self.is_comparison:
+            raise InvalidPreset(_two_dates(self.name))
         common = {
             "name": self.name,
             "rescale": self.rescale,
@@ -271,7 +321,16 @@ class Preset:
     def describe(self) -> dict[str, Any]:
         """JSON description for ``/presets`` listings."""
         out: dict[str, Any] = {"name": self.name, "title": self.title, "source": self.source}
-        for key in ("description", "bands", "expression", "assets", "colormap_name", "color_formula"):
+        for key in (
+            "description",
+            "bands",
+            "expression",
+            "assets",
+            "colormap_name",
+            "color_formula",
+            "kind",
+            "of",
+        ):
             if (value := getattr(self, key)) is not None:
                 out[key] = list(value) if isinstance(value, tuple) else value
         if self.rescale:
@@ -281,6 +340,10 @@ class Preset:
         if self.pansharpen is not None:
             out["pansharpen"] = {"method": "weighted-brovey", **dict(self.pansharpen)}
         return out
+
+
+def _two_dates(name: str) -> str:
+    return f"preset {name!r} compares two dates: use it on /compare/... (two items of a collection, or two searches)"
 
 
 def _expression_names(expression: str) -> list[str]:
@@ -359,9 +422,18 @@ def parse_catalogue(data: Mapping[str, Any], source: str) -> dict[str, Preset]:
 
 
 @cache
-def builtin() -> dict[str, Preset]:
-    """The built-in catalogue (``presets.yaml``)."""
+def _catalogue() -> dict[str, Preset]:
     return parse_catalogue(yaml.safe_load(CATALOGUE_FILE.read_text()), "builtin")
+
+
+def builtin() -> dict[str, Preset]:
+    """The built-in single-date presets (``presets.yaml``)."""
+    return {n: p for n, p in _catalogue().items() if not p.is_comparison}
+
+
+def comparisons() -> dict[str, Preset]:
+    """The built-in comparison presets (``presets.yaml`` entries with a ``kind``), served by ``/compare``."""
+    return {n: p for n, p in _catalogue().items() if p.is_comparison}
 
 
 def merged(
@@ -370,15 +442,17 @@ def merged(
     """Built-in presets, replaced or extended by collection then item ``renders`` of the same name.
 
     A render that cannot be used (unknown keys, no band) is skipped, never fatal: renders
-    are provider data.
+    are provider data. Comparisons are built-in only: a render with a ``kind`` is skipped.
     """
     out = dict(builtin())
     for source, renders in (("collection", collection_renders), ("item", item_renders)):
         for name, value in (renders or {}).items():
             try:
-                out[str(name)] = Preset.from_mapping(str(name), value, source)
+                preset = Preset.from_mapping(str(name), value, source)
             except InvalidPreset:
                 continue
+            if not preset.is_comparison:
+                out[str(name)] = preset
     return out
 
 
@@ -395,6 +469,8 @@ def get(presets: Mapping[str, Preset], name: str) -> Preset:
     try:
         return presets[name]
     except KeyError:
+        if name in comparisons():
+            raise InvalidPreset(_two_dates(name)) from None
         raise PresetNotFound(
             f"Unknown preset {name!r}; available here: {', '.join(presets) or 'none'}"
         ) from None
