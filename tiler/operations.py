@@ -31,9 +31,20 @@ Right = Literal["metadata", "tiles", "preview", "data"]
 #: ``self`` (checks its own credential before any other is parsed: ``/metrics``),
 #: ``catalogue`` (lists only what the caller may see), ``collection`` / ``search``
 #: (the ``collection_id`` / ``search_id`` path parameter), ``stream`` (raw bytes of an
-#: item's asset), ``searches`` (every registered search), ``register``, ``cog``.
+#: item's asset), ``searches`` (every registered search), ``register``, ``cog``, ``external``
+#: (an item of another STAC catalogue, by URL).
 Resource = Literal[
-    "public", "account", "self", "catalogue", "collection", "search", "stream", "searches", "register", "cog"
+    "public",
+    "account",
+    "self",
+    "catalogue",
+    "collection",
+    "search",
+    "stream",
+    "searches",
+    "register",
+    "cog",
+    "external",
 ]
 #: which size caps apply (`tiler.settings.LimitSettings`)
 Sizes = Literal["preview", "part", "statistics", "thumbnail"]
