@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 
 from tests.conftest import make_settings
 from tests.helpers import (
+    SIGNER,
     expected_nearest,
     lonlat_of_item_centre,
     mercator_tile,
@@ -53,7 +54,8 @@ catalogues: [metacat]
 
 
 class CatalogueHandler(RangeRequestHandler):
-    """Static files; ``/protected/...`` needs X-Catalogue-Token, ``/go/...`` redirects."""
+    """Static files; ``/protected/...`` needs X-Catalogue-Token, ``/signed/...`` a current
+    ``?sig=``, ``/go/...`` redirects."""
 
     def _serve(self, body: bool) -> None:
         with self.server.lock:  # type: ignore[attr-defined]
@@ -70,6 +72,11 @@ class CatalogueHandler(RangeRequestHandler):
                 self.send_error(401, "token required")
                 return
             self.path = self.path[len("/protected") :]
+        if path.startswith("/signed/"):
+            if parse_qs(urlsplit(self.path).query).get("sig") != [self.server.accepted]:  # type: ignore[attr-defined]
+                self.send_error(403, "signature expired")
+                return
+            self.path = path[len("/signed") :]
         super()._serve(body)
 
 
@@ -78,6 +85,7 @@ def _server(directory, handler=CatalogueHandler) -> RangeHTTPServer:
     server.seen = []
     server.lock = threading.Lock()
     server.redirect_to = ""
+    server.accepted = "v1"
     server.start_background()
     return server
 
@@ -138,6 +146,8 @@ def catalogue(sample, dsn, tmp_path_factory, outside):
     }
     (root / "items" / "protected.json").rename(root / "items" / "protected-item.json")
     server.items["protected"] = f"{server.url}/protected/items/protected-item.json"
+    item("signed-item", {k: f"{server.url}/signed/{n}" for k, n in names.items()})
+    server.items["signed"] = f"{server.url}/signed/items/signed-item.json"
     (root / "items" / "notjson.json").write_text("<html>not a STAC item</html>")
     (root / "items" / "collection.json").write_text(json.dumps(sample.collection))
     (root / "items" / "huge.json").write_text(json.dumps({"pad": "x" * 3_000_000}))
@@ -429,6 +439,43 @@ def _protected_reads(ext, catalogue, url, z, x, y):
         r = ext.get(f"/external/{path}", params={"url": url, **params})
         assert r.status_code == 200 and SECRET.encode() not in r.content, (path, r.text[:300])
         assert SECRET not in str(r.headers)
+
+
+def test_signer_signs_the_item_fetch_and_the_asset_reads(dsn, catalogue, sample, tmp_path):
+    """A signer prefix: the item and its COGs are read signed; a rotated signature is renewed once."""
+    creds = tmp_path / "credentials.yaml"
+    creds.write_text(
+        yaml.safe_dump([{"prefix": f"{catalogue.url}/signed/", "signer": "tests.helpers:test_signer"}])
+    )
+    SIGNER.update(current="v1", cache={}, calls=[])
+    catalogue.accepted = "v1"
+    url = catalogue.items["signed"]
+    z, x, y = tile_xyz(sample, 16)
+    tile = f"/external/tiles/WebMercatorQuad/{z}/{x}/{y}.png"
+    try:
+        settings = settings_for(dsn, catalogue, credentials=creds, item_cache_ttl=0)
+        with TestClient(create_app(settings)) as c:
+            catalogue.seen.clear()
+            r = c.get(tile, params={"url": url, **RGB})
+            assert r.status_code == 200, r.text
+            signed = [p for p, _ in catalogue.seen if p.startswith("/signed/")]
+            assert any(p.startswith("/signed/items/signed-item.json?sig=v1") for p in signed)
+            assert any(".tif?sig=v1" in p for p in signed)
+            # the catalogue rotates its signature: the cached signed URL gets 403, signed again once
+            catalogue.accepted = SIGNER["current"] = "v2"
+            SIGNER["calls"].clear()
+            catalogue.seen.clear()
+            r = c.get("/external/info", params={"url": url, "assets": "ms"})
+            assert r.status_code == 200 and "sig=" not in r.text, r.text
+            assert any(p.startswith("/signed/items/signed-item.json?sig=v2") for p, _ in catalogue.seen)
+            # each href is signed again once at most: the item's, and the COG's if GDAL reads it again
+            assert SIGNER["calls"].count(True) in (1, 2)
+            # a signature the catalogue never accepts: a clean 502, nothing signed shown
+            catalogue.accepted = "v9"
+            r = c.get("/external/info", params={"url": url, "assets": "ms"})
+            assert r.status_code == 502 and "sig=" not in r.text
+    finally:
+        catalogue.accepted = "v1"
 
 
 def test_item_is_cached_briefly(dsn, catalogue):
