@@ -151,6 +151,9 @@ def catalogue(sample, dsn, tmp_path_factory, outside):
     (root / "items" / "notjson.json").write_text("<html>not a STAC item</html>")
     (root / "items" / "collection.json").write_text(json.dumps(sample.collection))
     (root / "items" / "huge.json").write_text(json.dumps({"pad": "x" * 3_000_000}))
+    many = copy.deepcopy(stored)
+    many["assets"] = {f"a{i}": {"href": f"{server.url}/{i}.tif"} for i in range(300)}
+    (root / "items" / "many-assets.json").write_text(json.dumps(many))
     yield server
     server.shutdown()
 
@@ -385,6 +388,7 @@ def test_redirects_are_refused(ext, catalogue, outside, sample):
         ("collection.json", 400, "not a STAC item"),
         ("huge.json", 400, "larger than"),
         ("missing.json", 404, "No STAC item"),
+        ("many-assets.json", 400, "over the server's limit of 256"),
     ],
 )
 def test_bad_item_documents_are_clear_errors(ext, catalogue, name, status, words):

@@ -15,7 +15,8 @@ like a pgstac item, under the same rules as ``/cog?url=`` (`tiler.urls`):
   of its files is read;
 * the ``renders`` of the item's collection (its ``rel=collection`` link, when allow-listed
   too) are merged under the item's own, so its presets are those a pgstac item would get;
-* good items are kept ``item_cache_ttl`` seconds.
+* an item names at most ``item_max_assets`` hrefs; good items are kept ``item_cache_ttl``
+  seconds (at most ``item_cache_mb`` of their JSON).
 
 Messages name the item's URL without query string and never carry a credential.
 """
@@ -62,7 +63,9 @@ class ExternalItems:
         self.settings = settings
         self.prefixes = tuple(settings.allowed_prefixes)
         self._cache: TTLCache = TTLCache(
-            maxsize=settings.item_cache_size, ttl=max(settings.item_cache_ttl, 1e-9)
+            maxsize=int(settings.item_cache_mb * 1024 * 1024),
+            ttl=max(settings.item_cache_ttl, 1e-9),
+            getsizeof=lambda entry: entry[1],
         )
         self._lock = threading.Lock()
 
@@ -80,13 +83,14 @@ class ExternalItems:
         if not url.lower().startswith(("http://", "https://")):
             raise InvalidDatasetURL("A STAC item URL must be http(s)://")
         with self._lock:
-            doc = self._cache.get(url) if self.settings.item_cache_ttl > 0 else None
-        if doc is None:
+            text = self._cache.get(url, (None,))[0] if self.settings.item_cache_ttl > 0 else None
+        if text is None:
             doc = self._with_collection_renders(url, self._checked(url, self._fetch(url)))
-            if self.settings.item_cache_ttl > 0:
+            text = json.dumps(doc)
+            if self.settings.item_cache_ttl > 0 and len(text) <= self._cache.maxsize:
                 with self._lock:
-                    self._cache[url] = doc
-        item = pystac.Item.from_dict(json.loads(json.dumps(doc)), preserve_dict=False)
+                    self._cache[url] = (text, len(text))
+        item = pystac.Item.from_dict(json.loads(text), preserve_dict=False)
         item.set_self_href(url)  # every asset href is absolute already: none moves
         return item
 
@@ -107,6 +111,12 @@ class ExternalItems:
             raise InvalidExternalItem(f"The STAC item at {where} has no assets")
         if not isinstance(doc.get("geometry"), dict):
             raise InvalidExternalItem(f"The STAC item at {where} has no geometry")
+        hrefs = sum(1 + len(a.get("alternate") or {}) if isinstance(a, dict) else 1 for a in assets.values())
+        if hrefs > self.settings.item_max_assets:
+            raise InvalidExternalItem(
+                f"The STAC item at {where} has {hrefs} asset hrefs, over the server's limit of "
+                f"{self.settings.item_max_assets}"
+            )
         for key, asset in assets.items():
             if not isinstance(asset, dict) or not isinstance(asset.get("href"), str):
                 raise InvalidExternalItem(f"Asset {key!r} of the STAC item at {where} has no href")

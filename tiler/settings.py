@@ -228,7 +228,15 @@ class ExternalSettings(BaseSettings):
     item_cache_ttl: float = Field(
         default=60.0, ge=0, description="Seconds a fetched item is reused (0: fetched on every request)."
     )
-    item_cache_size: int = Field(default=512, ge=1, description="Items kept at most, per worker.")
+    item_cache_mb: float = Field(
+        default=16, gt=0, description="Memory of the kept items, MiB of their JSON, per worker (LRU past it)."
+    )
+    item_max_assets: int = Field(
+        default=256,
+        ge=1,
+        le=10000,
+        description="Assets (and alternate hrefs) of one item at most (400 beyond).",
+    )
 
     model_config = SettingsConfigDict(env_prefix="TILER_EXTERNAL_", extra="ignore")
 
