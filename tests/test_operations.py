@@ -10,7 +10,7 @@ from tests.conftest import make_settings
 from tiler.auth import hash_api_key
 from tiler.main import create_app
 from tiler.operations import METADATA, declared_all
-from tiler.settings import ApiSettings, AuthSettings, StacSettings
+from tiler.settings import ApiSettings, AuthSettings, ExternalSettings, StacSettings
 
 KEY = "dtk_ops-test-key-0123456789abcdefghijklmnopq"
 
@@ -37,6 +37,7 @@ def test_every_route_declares_its_operation(dsn, cog_server, tmp_path):
     settings = make_settings(dsn, auth=_auth(tmp_path), enabled=True, allowed_prefixes=[cog_server.url + "/"])
     settings.api = ApiSettings(enable_assets_endpoints=True)
     settings.stac = StacSettings(enabled=True)
+    settings.external = ExternalSettings(enabled=True, allowed_prefixes=[cog_server.url + "/"])
     app = create_app(settings)
     seen, undeclared = 0, []
     for methods, path, route in _routes(app):
@@ -54,8 +55,10 @@ def test_every_route_declares_its_operation(dsn, cog_server, tmp_path):
             assert path.startswith("/compare/searches/{before}/{after}/"), path
         if op.resource == "cog":
             assert path.startswith("/cog/"), path
+        if op.resource == "external":
+            assert path.startswith("/external/"), path
         if op.renders:  # reads pixels: tiles, previews, thumbnails, points, parts, statistics
-            assert op.resource in ("collection", "search", "search_pair", "cog"), path
+            assert op.resource in ("collection", "search", "search_pair", "cog", "external"), path
     assert not undeclared, undeclared
     assert seen > 100  # titiler's factories are all there
     by_path = {(m, p): declared_all(r)[0] for ms, p, r in _routes(app) for m in ms}
@@ -66,6 +69,7 @@ def test_every_route_declares_its_operation(dsn, cog_server, tmp_path):
     assert by_path[("POST", item + "/feature")].sizes == "part"
     assert by_path[("GET", item + "/assets/{asset_id}/statistics")].sizes == "statistics"
     assert by_path[("GET", "/cog/WMTSCapabilities.xml")].resource == "cog"
+    assert by_path[("GET", "/external/thumbnail.{format}")].resource == "external"
     assert not by_path[("POST", "/searches/register")].store
     assert by_path[("GET", "/healthz")].resource == "public"
     pair = "/compare/searches/{before}/{after}"

@@ -396,6 +396,12 @@ def authorize(request: Request) -> None:
         if not principal.may_use_cog(policy):
             raise _deny(principal, "Not allowed: /cog")
         return
+    if op.resource == "external":
+        if not principal.may_use_catalogues(policy):
+            raise _deny(
+                principal, "Not allowed: items of other catalogues (/external; the policy's `catalogues`)"
+            )
+        return
     raise HTTPException(403, "Not allowed")
 
 

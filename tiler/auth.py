@@ -173,6 +173,7 @@ class Policy:
     groups: Mapping[str, tuple[Grant, ...]]
     anonymous: tuple[str, ...] = ()
     cog_groups: tuple[str, ...] = ()
+    catalogue_groups: tuple[str, ...] = ()
 
     @classmethod
     def from_mapping(cls, doc: Any) -> Policy:
@@ -189,10 +190,14 @@ class Policy:
                   max_preview_size: 512
             anonymous: [spot-thumbnails]    # groups granted to callers without credentials
             cog: [admins]                   # groups allowed on /cog?url= (when enabled)
+            catalogues: [metacatalogue]     # groups allowed on /external?url= (when enabled)
+
+        A group listed under ``catalogues`` need not have collection grants; ``anonymous`` may
+        name it (anonymous callers then use ``/external``).
         """
         if not isinstance(doc, Mapping):
             raise PolicyError("policy must be a mapping with a `groups` key")
-        unknown = set(doc) - {"groups", "anonymous", "cog"}
+        unknown = set(doc) - {"groups", "anonymous", "cog", "catalogues"}
         if unknown:
             raise PolicyError(f"policy: unknown keys {sorted(unknown)}")
         raw_groups = doc.get("groups") or {}
@@ -207,10 +212,14 @@ class Policy:
             groups[str(name)] = tuple(_parse_grant(str(name), g) for g in grants)
         anonymous = tuple(doc.get("anonymous") or ())
         cog = tuple(doc.get("cog") or ())
-        missing = [g for g in anonymous if g not in groups]
+        catalogues = doc.get("catalogues") or ()
+        if isinstance(catalogues, str) or not all(isinstance(g, str) and g for g in catalogues):
+            raise PolicyError("policy: `catalogues` must be a list of group names")
+        catalogues = tuple(catalogues)
+        missing = [g for g in anonymous if g not in groups and g not in catalogues]
         if missing:
             raise PolicyError(f"policy: `anonymous` names undefined groups {missing}")
-        return cls(groups=groups, anonymous=anonymous, cog_groups=cog)
+        return cls(groups=groups, anonymous=anonymous, cog_groups=cog, catalogue_groups=catalogues)
 
     def access(self, groups: Iterable[str], collection_id: str) -> Access | None:
         """Merged access of ``groups`` to ``collection_id`` (None: no access)."""
@@ -323,6 +332,22 @@ class Principal:
     def may_use_cog(self, policy: Policy) -> bool:
         """True when a group of this caller is listed under the policy's `cog`."""
         return not self.anonymous and bool(set(self.groups) & set(policy.cog_groups)) and self.token is None
+
+    def may_use_catalogues(self, policy: Policy) -> bool:
+        """True when a group of this caller (or of anonymous callers) is listed under the policy's `catalogues`.
+
+        A URL token scoped to collections, a search, an item or a zoom level is not: its scope
+        names the pgstac data it was minted for.
+        """
+        tok = self.token
+        if tok is not None and (
+            tok.collections is not None
+            or tok.search is not None
+            or tok.item is not None
+            or tok.max_zoom is not None
+        ):
+            return False
+        return bool((set(self.groups) | set(policy.anonymous)) & set(policy.catalogue_groups))
 
 
 ANONYMOUS = Principal(user=None)

@@ -28,7 +28,15 @@ from titiler.pgstac.errors import MosaicNotFoundError
 from titiler.pgstac.reader import PgSTACReader
 
 from tiler.errors import AssetNotFound
-from tiler.presets import PresetContext, band_layout, builtin, merged, quicklook_key, stretch_by_band
+from tiler.presets import (
+    PresetContext,
+    band_layout,
+    builtin,
+    item_context,
+    merged,
+    quicklook_key,
+    stretch_by_band,
+)
 
 NEWEST_FIRST = [{"field": "datetime", "direction": "desc"}]
 #: items whose stored percentiles make a mosaic's stretch
@@ -165,18 +173,7 @@ class Catalogue:
             if item is None or item.id != item_id:
                 item = self.item(collection_id, item_id)
             coll = self.collection(collection_id) or {}
-            assets = {k: a.to_dict() for k, a in item.assets.items()}
-            ql = quicklook_key(assets)
-            return PresetContext(
-                presets=merged(coll.get("renders"), item.properties.get("renders")),
-                layout=band_layout({k: a for k, a in assets.items() if k != ql}),
-                asset_keys=tuple(assets),
-                collections=(collection_id,),
-                mosaic=False,
-                assets=assets,
-                item=item,
-                quicklook=ql,
-            )
+            return item_context(item, coll.get("renders"), collection_id)
         if search_id is not None:
             collections = self.search_collection_ids(search_id)
         elif collection_id is not None:

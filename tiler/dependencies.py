@@ -1,4 +1,4 @@
-"""FastAPI dependencies: item, asset and /cog paths, GDAL environment, presets, layers, render, colormap."""
+"""FastAPI dependencies: item, asset, /cog and /external paths, GDAL environment, presets, layers, render, colormap."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from titiler.core.dependencies import ColorMapParams as TitilerColorMapParams
 from titiler.pgstac.dependencies import ItemIdParams, PgSTACParams
 from titiler.pgstac.reader import PgSTACReader
 
-from tiler.presets import PansharpenSpec, PresetContext, Resolved, band_layout, stretch_by_band
+from tiler.external import ExternalItems
+from tiler.presets import PansharpenSpec, PresetContext, Resolved, band_layout, item_context, stretch_by_band
 from tiler.presets import get as get_preset
 from tiler.settings import CogSettings, GdalSettings
 from tiler.tms import supported_tms
@@ -44,6 +45,35 @@ def cog_url_dependency(settings: CogSettings) -> Callable[..., str]:
         return url
 
     return DatasetURL
+
+
+def external_item_dependency(items: ExternalItems) -> Callable[..., pystac.Item]:
+    """Path dependency for ``/external`` endpoints: the checked item at ``url`` (`tiler.external`).
+
+    The item is kept on ``request.state`` (``external_item`` for the presets, ``stac_item``
+    for the WMTS bounding boxes), as `ItemParams` does for pgstac items.
+    """
+
+    def ExternalItemURL(  # noqa: N802 - titiler naming
+        request: Request,
+        url: Annotated[
+            str,
+            Query(
+                description=(
+                    "URL of a STAC item of an allowed catalogue; the item and each of its asset hrefs "
+                    "must be under `TILER_EXTERNAL_ALLOWED_PREFIXES`."
+                ),
+                openapi_examples={
+                    "item": {"value": "https://catalogue.example.org/stac/collections/pleiades/items/scene-1"}
+                },
+            ),
+        ],
+    ) -> pystac.Item:
+        item = items.get(url)
+        request.state.stac_item = request.state.external_item = item
+        return item
+
+    return ExternalItemURL
 
 
 def gdal_env_dependency(settings: GdalSettings) -> Callable[[], dict[str, str | int]]:
@@ -101,6 +131,9 @@ class MosaicAssetsParams(PgSTACParams):
 
 def preset_context(request: Request) -> PresetContext:
     """Presets of the item, collection or search in the request path (pgstac lookups cached)."""
+    external = getattr(request.state, "external_item", None)
+    if external is not None:  # an item of another catalogue: its own renders and the built-in presets
+        return item_context(external)
     params = request.path_params
     return request.app.state.catalogue.presets(
         collection_id=params.get("collection_id"),

@@ -31,6 +31,10 @@ class InvalidDatasetURL(TilerError):
     """A `url=` that cannot be a remote COG (bad scheme, local path, VSI prefix...)."""
 
 
+class InvalidExternalItem(TilerError):
+    """An ``/external`` ``url=`` whose answer is not a usable STAC item (not JSON, too large, no assets)."""
+
+
 class AssetNotFound(TilerError):
     """The item has no asset of that name."""
 
@@ -106,6 +110,7 @@ STATUS_CODES: dict[type[Exception], int] = {
     **PGSTAC_STATUS_CODES,
     DatasetURLNotAllowed: status.HTTP_403_FORBIDDEN,
     InvalidDatasetURL: status.HTTP_400_BAD_REQUEST,
+    InvalidExternalItem: status.HTTP_400_BAD_REQUEST,
     AssetNotFound: status.HTTP_404_NOT_FOUND,
     InvalidPansharpenParameters: status.HTTP_400_BAD_REQUEST,
     InvalidPreset: status.HTTP_400_BAD_REQUEST,

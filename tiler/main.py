@@ -50,9 +50,11 @@ from tiler.dependencies import (
     LayerParams,
     RenderParams,
     cog_url_dependency,
+    external_item_dependency,
     gdal_env_dependency,
 )
 from tiler.errors import register_error_handlers
+from tiler.external import ExternalItems
 from tiler.factory import mosaicThumbnailExtension, thumbnailExtension
 from tiler.health import health_router
 from tiler.landing import landing_router
@@ -60,9 +62,9 @@ from tiler.lifespan import lifespan
 from tiler.limits import BodyLimitMiddleware, limits_dependency, mosaic_params, part_params, preview_params
 from tiler.metrics import ObservabilityMiddleware, metrics_router
 from tiler.operations import PUBLIC, REGISTER, SEARCHES, factory_operations
-from tiler.pages import HERE, item_layers, search_layers, templates
+from tiler.pages import HERE, external_layers, item_layers, search_layers, templates
 from tiler.process import configure_process
-from tiler.reader import ItemReader, MosaicBackend, MosaicItemReader
+from tiler.reader import ExternalItemReader, ItemReader, MosaicBackend, MosaicItemReader
 from tiler.routes import catalogue_router, presets_router
 from tiler.settings import Settings
 from tiler.stac import MOUNT as STAC_MOUNT
@@ -70,6 +72,9 @@ from tiler.stac import MountedLinks, stac_app
 from tiler.stream import IdentityEncoding, StreamLimiter, UpstreamClient, stream_router
 from tiler.tms import supported_tms
 from tiler.upstream import SigningReader
+
+#: Items of other STAC catalogues. Not ``/stac/...?url=``: ``/stac`` is the mounted STAC API.
+EXTERNAL_PREFIX = "/external"
 
 IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "image/jp2", "image/webp", "image/tiff"}
 
@@ -274,6 +279,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # two dates compared: two items of a collection, or two searches (tiles, TileJSON, WMTS, viewer)
     conforms_to |= add_compare_routes(app, settings, pages, common)
+    # items of other STAC catalogues by URL, allow-listed (off by default); `/stac` is the STAC API
+    if settings.external.enabled:
+        app.state.external_items = ExternalItems(settings.external)
+        external = MultiBaseTilerFactory(
+            router=APIRouter(route_class=CachedRoute),
+            reader=ExternalItemReader,
+            path_dependency=external_item_dependency(app.state.external_items),
+            router_prefix=EXTERNAL_PREFIX,
+            route_dependencies=factory_operations("external"),
+            get_renders=external_layers,
+            layer_dependency=LayerParams,
+            render_dependency=RenderParams,
+            colormap_dependency=ColorMapParams,
+            extensions=[
+                wmtsExtension(templates=pages, layer_identifier_provider=lambda item: item.id),
+                thumbnailExtension(),
+            ],
+            **images,
+            **common,
+        )
+        app.include_router(external.router, tags=["STAC Item of another catalogue"], prefix=EXTERNAL_PREFIX)
+        conforms_to |= external.conforms_to
 
     # tiling schemes, algorithms, colour maps: public
     for factory in (

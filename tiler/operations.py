@@ -32,7 +32,8 @@ Right = Literal["metadata", "tiles", "preview", "data"]
 #: ``catalogue`` (lists only what the caller may see), ``collection`` / ``search``
 #: (the ``collection_id`` / ``search_id`` path parameter), ``search_pair`` (the ``before`` and
 #: ``after`` search ids of ``/compare/searches``: both must pass), ``stream`` (raw bytes of an
-#: item's asset), ``searches`` (every registered search), ``register``, ``cog``.
+#: item's asset), ``searches`` (every registered search), ``register``, ``cog``, ``external``
+#: (an item of another STAC catalogue, by URL).
 Resource = Literal[
     "public",
     "account",
@@ -45,6 +46,7 @@ Resource = Literal[
     "searches",
     "register",
     "cog",
+    "external",
 ]
 #: which size caps apply (`tiler.settings.LimitSettings`)
 Sizes = Literal["preview", "part", "statistics", "thumbnail"]

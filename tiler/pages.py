@@ -13,7 +13,7 @@ from starlette.templating import Jinja2Templates
 from titiler.pgstac.reader import PgSTACReader
 
 from tiler.catalogue import catalogue
-from tiler.presets import PresetContext
+from tiler.presets import PresetContext, item_context
 from tiler.tms import bbox_in_tms
 
 HERE = Path(__file__).parent
@@ -63,6 +63,12 @@ def preset_layers(ctx: PresetContext) -> dict[str, dict[str, Any]]:
 def search_layers(src: Any) -> dict:
     """WMTS layers of a mosaic (``src``: titiler-pgstac's backend): its collections' presets."""
     return preset_layers(catalogue(src.pool).presets(search_id=src.input))
+
+
+def external_layers(src: Any) -> dict:
+    """``get_renders`` of the ``/external`` factory: a layer per preset, each with the item's ``url=``."""
+    url = src.item.get_self_href()
+    return {name: {"url": url, **values} for name, values in preset_layers(item_context(src.item)).items()}
 
 
 def item_layers(pool_getter: Any) -> Any:

@@ -518,6 +518,24 @@ class PresetContext:
         return applicable(self.presets, self.layout, self.asset_keys)
 
 
+def item_context(
+    item: pystac.Item, collection_renders: Mapping[str, Any] | None = None, collection_id: str | None = None
+) -> PresetContext:
+    """Presets of one item: the built-in ones, its collection's ``renders``, then its own (no I/O)."""
+    assets = {k: a.to_dict() for k, a in item.assets.items()}
+    ql = quicklook_key(assets)
+    return PresetContext(
+        presets=merged(collection_renders, item.properties.get("renders")),
+        layout=band_layout({k: a for k, a in assets.items() if k != ql}),
+        asset_keys=tuple(assets),
+        collections=(collection_id,) if collection_id else (),
+        mosaic=False,
+        assets=assets,
+        item=item,
+        quicklook=ql,
+    )
+
+
 def quicklook_key(assets: dict[str, dict]) -> str | None:
     """The asset to read instead of the COGs at small scales: role ``overview``, bands by common name."""
     for key, asset in assets.items():

@@ -37,7 +37,8 @@ from tiler.errors import InvalidPansharpenParameters
 from tiler.pansharpen import brovey
 from tiler.presets import PansharpenSpec
 from tiler.stats import stretch_range
-from tiler.upstream import SigningReader
+from tiler.upstream import SigningReader, headers_for, signer_for
+from tiler.urls import refuse_redirects
 
 #: Resampling of the MS bands when they are brought to the pan grid (unless the request says).
 MS_UPSAMPLING = "bilinear"
@@ -234,6 +235,24 @@ class ItemReader(GridCacheMixin, PansharpenMixin, PgSTACReader):
         info = super()._get_asset_info(asset)
         _with_context(info, self.item.id, self.budget)
         return _with_stretch(info, self.item.assets[info["name"]].extra_fields)
+
+
+@attr.s
+class ExternalItemReader(ItemReader):
+    """Reader of an item of another STAC catalogue (``/external``, `tiler.external`).
+
+    Its hrefs were checked against the allow-list when the item was fetched; before GDAL
+    opens one, the redirect check of ``/cog`` runs on it (`tiler.urls.refuse_redirects`,
+    with the credential headers of its prefix). Hrefs a signer rewrites point at the
+    operator's own storage and are not probed.
+    """
+
+    def _get_asset_info(self, asset: AssetType) -> AssetInfo:
+        info = super()._get_asset_info(asset)
+        url = info["url"]
+        if signer_for(url) is None:
+            refuse_redirects(url, headers=headers_for(url))
+        return info
 
 
 @attr.s

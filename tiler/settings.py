@@ -6,6 +6,7 @@ Environment variables (see docs/settings.md):
 * ``DATABASE_URL`` or ``PGHOST``/``PGPORT``/``PGUSER``/``PGPASSWORD``/``PGDATABASE``:
   the pgstac database; ``TILER_DB_*``: its connection pool.
 * ``TILER_COG_*``: the ``/cog`` endpoints for COGs given by URL (off by default).
+* ``TILER_EXTERNAL_*``: the ``/external`` endpoints for items of other STAC catalogues (off by default).
 * ``TILER_GDAL_*``: GDAL configuration used for every read.
 * ``TILER_AUTH_*``: who may see what (identity provider, API keys, policy,
   signed URL tokens).
@@ -201,6 +202,62 @@ class CogSettings(BaseSettings):
     def _need_prefixes(self) -> CogSettings:
         if self.enabled and not self.allowed_prefixes:
             raise ValueError("TILER_COG_ENABLED=true needs TILER_COG_ALLOWED_PREFIXES")
+        return self
+
+
+class ExternalSettings(BaseSettings):
+    """``/external`` endpoints: items of other STAC catalogues given by URL, restricted to an allow-list."""
+
+    enabled: bool = False
+    allowed_prefixes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated catalogue URL prefixes: the item `url=` and every asset href of the item "
+            "must start with one (same rules as `TILER_COG_ALLOWED_PREFIXES`)."
+        ),
+    )
+    item_max_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest STAC item document read from a catalogue, bytes (a larger one is a 400).",
+    )
+    item_timeout: float = Field(
+        default=5.0, gt=0, le=60, description="Seconds the fetch of one STAC item may take in all."
+    )
+    item_cache_ttl: float = Field(
+        default=60.0, ge=0, description="Seconds a fetched item is reused (0: fetched on every request)."
+    )
+    item_cache_mb: float = Field(
+        default=16, gt=0, description="Memory of the kept items, MiB of their JSON, per worker (LRU past it)."
+    )
+    item_max_assets: int = Field(
+        default=256,
+        ge=1,
+        le=10000,
+        description="Assets (and alternate hrefs) of one item at most (400 beyond).",
+    )
+
+    model_config = SettingsConfigDict(env_prefix="TILER_EXTERNAL_", extra="ignore")
+
+    _split = field_validator("allowed_prefixes", mode="before")(_split_csv)
+
+    @field_validator("allowed_prefixes")
+    @classmethod
+    def _check_prefixes(cls, prefixes: list[str]) -> list[str]:
+        for prefix in prefixes:
+            parts = urlsplit(prefix)
+            if parts.scheme not in ("http", "https", "s3") or not parts.hostname or "@" in parts.netloc:
+                raise ValueError(
+                    "TILER_EXTERNAL_ALLOWED_PREFIXES entries must be http(s):// or s3:// URLs with a host "
+                    "and no user info"
+                )
+        return prefixes
+
+    @model_validator(mode="after")
+    def _need_prefixes(self) -> ExternalSettings:
+        if self.enabled and not self.allowed_prefixes:
+            raise ValueError("TILER_EXTERNAL_ENABLED=true needs TILER_EXTERNAL_ALLOWED_PREFIXES")
         return self
 
 
@@ -612,6 +669,7 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     db: DatabaseSettings = Field(default_factory=DatabaseSettings)
     cog: CogSettings = Field(default_factory=CogSettings)
+    external: ExternalSettings = Field(default_factory=ExternalSettings)
     gdal: GdalSettings = Field(default_factory=GdalSettings)
     reader: ReaderSettings = Field(default_factory=ReaderSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
@@ -638,6 +696,11 @@ class Settings(BaseSettings):
                 f"((GDAL_HTTP_MAX_RETRY + 1) x GDAL_HTTP_TIMEOUT + retry delays), more than "
                 f"TILER_API_REQUEST_TIMEOUT={self.api.request_timeout:g} s: lower TILER_GDAL_GDAL_HTTP_TIMEOUT "
                 "or TILER_GDAL_GDAL_HTTP_MAX_RETRY, or raise the deadline"
+            )
+        if self.external.enabled and self.external.item_timeout >= self.api.request_timeout:
+            raise ValueError(
+                f"TILER_EXTERNAL_ITEM_TIMEOUT={self.external.item_timeout:g} s must be shorter than "
+                f"TILER_API_REQUEST_TIMEOUT={self.api.request_timeout:g} s"
             )
 
 

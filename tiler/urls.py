@@ -14,7 +14,7 @@ import socket
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from cachetools import TTLCache
@@ -138,21 +138,22 @@ _checked: TTLCache = TTLCache(maxsize=4096, ttl=300)
 _checked_lock = threading.Lock()
 
 
-def refuse_redirects(url: str, timeout: float = 5.0) -> None:
+def refuse_redirects(url: str, timeout: float = 5.0, headers: Mapping[str, str] | None = None) -> None:
     """Refuse a URL whose host answers with a redirect (GDAL would follow it anywhere).
 
     GDAL's HTTP client follows redirects and has no setting to stop it, so a
     redirect on an allow-listed host (an "open redirect") could point GDAL at
     a private address. One 1-byte range request, without following
     redirects, is made to the (already validated) URL before GDAL sees it;
-    good answers are remembered for 5 minutes.
+    good answers are remembered for 5 minutes. ``headers``: the credentials of the URL's
+    prefix (`tiler.upstream.headers_for`), so that a protected host answers as it will to GDAL.
     """
     if not url.lower().startswith(("http://", "https://")):
         return
     with _checked_lock:
         if url in _checked:
             return
-    req = urllib.request.Request(url, headers={"Range": "bytes=0-0"}, method="GET")
+    req = urllib.request.Request(url, headers={**(headers or {}), "Range": "bytes=0-0"}, method="GET")
     try:
         with _OPENER.open(req, timeout=timeout) as resp:
             resp.read(1)
