@@ -52,8 +52,10 @@ from tiler.dependencies import (
     gdal_env_dependency,
 )
 from tiler.errors import register_error_handlers
+from tiler.exportapi import export_router, jobs_router
 from tiler.factory import mosaicThumbnailExtension, thumbnailExtension
 from tiler.health import health_router
+from tiler.jobs import JobQueue
 from tiler.landing import landing_router
 from tiler.lifespan import lifespan
 from tiler.limits import BodyLimitMiddleware, limits_dependency, mosaic_params, part_params, preview_params
@@ -108,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.tile_cache = tile_cache(settings.cache) if settings.cache.enabled else None
     app.state.auth = Authenticator(settings.auth, lambda: app.state.dbpool) if settings.auth.enabled else None
     app.state.stac = stac_app(settings, app) if settings.stac.enabled else None
+    app.state.jobs = JobQueue(settings.jobs) if settings.jobs.enabled else None
     update_openapi(app)
     register_error_handlers(app)
     app.add_exception_handler(
@@ -284,6 +287,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # --- our routers: raw COG streaming and the STAC API, access, catalogue, health, landing
     app.include_router(stream_router(settings.stream))
+    app.include_router(export_router(settings))
+    if app.state.jobs is not None:
+        app.include_router(jobs_router(settings))
     if app.state.stac is not None:
         app.mount(STAC_MOUNT, MountedLinks(app.state.stac))
     app.include_router(auth_router())
