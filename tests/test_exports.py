@@ -5,6 +5,7 @@ Every pixel is checked against numpy slices of the source COGs read with rasteri
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import math
@@ -472,16 +473,21 @@ def test_rights_are_checked_again_when_the_job_runs(dsn, sample, auth_dir, redis
         assert not list((tmp_path / "r").glob("*.tif"))
 
 
+TTL = 10
+
+
 @needs_redis
 def test_results_expire(dsn, sample, auth_dir, redis_server, tmp_path):
     results = tmp_path / "r"
     box = {"bbox": ",".join(map(str, utm_box(sample, 100, 100, 60, 60))), "bbox-crs": "EPSG:32631"}
-    with TestClient(jobs_app(dsn, auth_dir, redis_server, results, result_ttl=3)) as c:
+    with TestClient(jobs_app(dsn, auth_dir, redis_server, results, result_ttl=TTL)) as c:
         job = submit(c, sample.item(0)["id"], **box).json()
-        run_worker(dsn, auth_dir, redis_server, results, TILER_JOBS_RESULT_TTL="3")
-        assert c.get(f"/jobs/{job['id']}", headers=key("ann")).json()["status"] == "done"
+        run_worker(dsn, auth_dir, redis_server, results, TILER_JOBS_RESULT_TTL=str(TTL))
+        status = c.get(f"/jobs/{job['id']}", headers=key("ann")).json()
+        assert status["status"] == "done", status
         assert (results / f"{job['id']}.tif").exists()
-        time.sleep(4.5)
+        expires = dt.datetime.fromisoformat(status["expires"].replace("Z", "+00:00"))
+        time.sleep(max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()) + 1.5)
         assert c.get(f"/jobs/{job['id']}", headers=key("ann")).status_code == 404
         assert c.get(f"/jobs/{job['id']}/result", headers=key("ann")).status_code == 404
         assert not (results / f"{job['id']}.tif").exists()  # the file is deleted, not just hidden

@@ -10,7 +10,7 @@ from tests.conftest import make_settings
 from tiler.auth import hash_api_key
 from tiler.main import create_app
 from tiler.operations import METADATA, declared_all
-from tiler.settings import ApiSettings, AuthSettings, StacSettings
+from tiler.settings import ApiSettings, AuthSettings, JobSettings, StacSettings
 
 KEY = "dtk_ops-test-key-0123456789abcdefghijklmnopq"
 
@@ -37,6 +37,8 @@ def test_every_route_declares_its_operation(dsn, cog_server, tmp_path):
     settings = make_settings(dsn, auth=_auth(tmp_path), enabled=True, allowed_prefixes=[cog_server.url + "/"])
     settings.api = ApiSettings(enable_assets_endpoints=True)
     settings.stac = StacSettings(enabled=True)
+    # export jobs on (no Redis is contacted until a job route is called)
+    settings.jobs = JobSettings(redis_url="redis://127.0.0.1:9/0", results_dir=tmp_path / "jobs")
     app = create_app(settings)
     seen, undeclared = 0, []
     for methods, path, route in _routes(app):
@@ -66,6 +68,11 @@ def test_every_route_declares_its_operation(dsn, cog_server, tmp_path):
     assert by_path[("GET", "/cog/WMTSCapabilities.xml")].resource == "cog"
     assert not by_path[("POST", "/searches/register")].store
     assert by_path[("GET", "/healthz")].resource == "public"
+    for method in ("GET", "POST"):
+        export = by_path[(method, item + "/export.tif")]
+        assert (export.right, export.resource) == ("data", "collection")
+    assert by_path[("POST", item + "/export-jobs")].right == "data"
+    assert by_path[("GET", "/jobs/{job_id}/result")].resource == "account"
 
 
 def test_a_route_without_declaration_is_refused(dsn, tmp_path):

@@ -49,7 +49,7 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from tiler import __version__
-from tiler.errors import InvalidExportParameters, InvalidPansharpenParameters
+from tiler.errors import ExportTooLarge, InvalidExportParameters, InvalidPansharpenParameters
 from tiler.pansharpen import brovey, sensor_weights, upsample
 from tiler.presets import PresetContext, common_name
 from tiler.upstream import SigningReader
@@ -471,6 +471,16 @@ def output_grid(product: Product, req: ExportRequest) -> Grid:
     i0, i1 = _outward(left / step, right / step)
     j0, j1 = _outward(bottom / step, top / step)
     return Grid(LAMBERT93, Affine(step, 0, i0 * step, 0, -step, j1 * step), i1 - i0, j1 - j0)
+
+
+def check_size(grid: Grid, max_size: int, max_pixels: int, what: str, advice: str = "") -> None:
+    """Refuse an export whose grid is over ``max_size`` a side or ``max_pixels`` in all (`ExportTooLarge`)."""
+    if max(grid.width, grid.height) <= max_size and grid.pixels <= max_pixels:
+        return
+    raise ExportTooLarge(
+        f"The export is {grid.width} x {grid.height} px ({grid.pixels:,} px); {what} is capped at "
+        f"{max_size} px a side and {max_pixels:,} px in all, and an export is never downsampled. {advice}".strip()
+    )
 
 
 # --------------------------------------------------------------------------- writing

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query
@@ -31,6 +31,7 @@ from tiler.export import (
     RESAMPLINGS,
     ExportRequest,
     Grid,
+    check_size,
     file_name,
     open_product,
     output_grid,
@@ -38,11 +39,13 @@ from tiler.export import (
     parse_bbox,
     write_export,
 )
-from tiler.jobs import JobQueue, check_size
 from tiler.limits import check_geojson
 from tiler.operations import ACCOUNT, EXPORT, EXPORT_JOB
 from tiler.settings import Settings
 from tiler.stream import stream_filename
+
+if TYPE_CHECKING:
+    from tiler.jobs import JobQueue
 
 ITEM = "/collections/{collection_id}/items/{item_id}"
 GEOTIFF = "image/tiff; application=geotiff"

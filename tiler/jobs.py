@@ -38,8 +38,8 @@ from rq.job import Job, JobStatus
 from titiler.core.errors import TilerError
 
 from tiler.auth import Policy, Principal, UrlToken, load_document
-from tiler.errors import ExportTooLarge, JobNotFound, TooManyJobs
-from tiler.export import ExportRequest, Grid
+from tiler.errors import JobNotFound, TooManyJobs
+from tiler.export import ExportRequest, Grid, check_size
 from tiler.settings import JobSettings, Settings
 
 logger = logging.getLogger(__name__)
@@ -92,16 +92,6 @@ def principal_from(payload: dict[str, Any]) -> Principal:
         groups=frozenset(payload.get("groups") or ()),
         method=payload["method"],
         token=token,
-    )
-
-
-def check_size(grid: Grid, max_size: int, max_pixels: int, what: str, advice: str = "") -> None:
-    """Refuse an export whose grid is over ``max_size`` a side or ``max_pixels`` in all (`ExportTooLarge`)."""
-    if max(grid.width, grid.height) <= max_size and grid.pixels <= max_pixels:
-        return
-    raise ExportTooLarge(
-        f"The export is {grid.width} x {grid.height} px ({grid.pixels:,} px); {what} is capped at "
-        f"{max_size} px a side and {max_pixels:,} px in all, and an export is never downsampled. {advice}".strip()
     )
 
 

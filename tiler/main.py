@@ -55,7 +55,6 @@ from tiler.errors import register_error_handlers
 from tiler.exportapi import export_router, jobs_router
 from tiler.factory import mosaicThumbnailExtension, thumbnailExtension
 from tiler.health import health_router
-from tiler.jobs import JobQueue
 from tiler.landing import landing_router
 from tiler.lifespan import lifespan
 from tiler.limits import BodyLimitMiddleware, limits_dependency, mosaic_params, part_params, preview_params
@@ -110,7 +109,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.tile_cache = tile_cache(settings.cache) if settings.cache.enabled else None
     app.state.auth = Authenticator(settings.auth, lambda: app.state.dbpool) if settings.auth.enabled else None
     app.state.stac = stac_app(settings, app) if settings.stac.enabled else None
-    app.state.jobs = JobQueue(settings.jobs) if settings.jobs.enabled else None
+    app.state.jobs = None
+    if settings.jobs.enabled:
+        from tiler.jobs import JobQueue  # rq and redis: the `jobs` extra
+
+        app.state.jobs = JobQueue(settings.jobs)
     update_openapi(app)
     register_error_handlers(app)
     app.add_exception_handler(

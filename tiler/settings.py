@@ -431,6 +431,16 @@ class StreamSettings(BaseSettings):
         return self.chunk_kb * 1024
 
 
+def _redis_url(url: SecretStr | None, name: str) -> SecretStr | None:
+    """A Redis URL (``redis://``, ``rediss://``, ``unix://``) stripped, None when empty; the error never echoes it."""
+    if url is None or not url.get_secret_value().strip():
+        return None
+    if urlsplit(url.get_secret_value().strip()).scheme not in ("redis", "rediss", "unix"):
+        # the value may hold a password: never echo it
+        raise ValueError(f"{name} must be a redis://, rediss:// or unix:// URL")
+    return SecretStr(url.get_secret_value().strip())
+
+
 class ExportSettings(BaseSettings):
     """AOI exports on the scene's own grid (``.../export.tif``): the cap of a direct answer.
 
@@ -494,11 +504,7 @@ class JobSettings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, url: SecretStr | None) -> SecretStr | None:
-        if url is None or not url.get_secret_value().strip():
-            return None
-        if urlsplit(url.get_secret_value().strip()).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("TILER_JOBS_REDIS_URL must be a redis://, rediss:// or unix:// URL")
-        return SecretStr(url.get_secret_value().strip())
+        return _redis_url(url, "TILER_JOBS_REDIS_URL")
 
     @model_validator(mode="after")
     def _needs_results_dir(self) -> JobSettings:
@@ -560,12 +566,7 @@ class TileCacheSettings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, url: SecretStr | None) -> SecretStr | None:
-        if url is None or not url.get_secret_value().strip():
-            return None
-        if urlsplit(url.get_secret_value().strip()).scheme not in ("redis", "rediss", "unix"):
-            # the value may hold a password: never echo it
-            raise ValueError("TILER_CACHE_REDIS_URL must be a redis://, rediss:// or unix:// URL")
-        return SecretStr(url.get_secret_value().strip())
+        return _redis_url(url, "TILER_CACHE_REDIS_URL")
 
 
 class ObservabilitySettings(BaseSettings):
