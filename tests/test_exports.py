@@ -492,3 +492,53 @@ def test_results_expire(dsn, sample, auth_dir, redis_server, tmp_path):
         assert c.get(f"/jobs/{job['id']}/result", headers=key("ann")).status_code == 404
         assert not (results / f"{job['id']}.tif").exists()  # the file is deleted, not just hidden
         assert json.loads(c.get("/jobs", headers=key("ann")).text) == {"jobs": []}
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "body"),
+    [
+        ("GET", {"bbox": "-1e9,-1e9,1e9,1e9"}, None),
+        ("GET", {"bbox": "170,80,179,89.9"}, None),
+        ("GET", {"bbox": "nan,0,1,1"}, None),
+        ("GET", {"bbox": "3,43,4,44", "bands": ",,,"}, None),
+        ("GET", {"bbox": "3,43,4,44", "bbox-crs": "EPSG:3857"}, None),
+        ("GET", {"bbox": "3,43,4,44", "grid": "l93-2"}, None),
+        ("GET", {"bbox": "3,43,4,44", "asset": "pansharpened", "bands": "pan"}, None),
+        ("GET", {}, None),
+        ("POST", {}, None),
+        ("POST", {}, {"type": "Point", "coordinates": [3.8, 43.6]}),
+        ("POST", {}, {"type": "Polygon", "coordinates": [[["a", 1], [2, 3]]]}),
+        ("POST", {}, {"type": "Polygon", "coordinates": []}),
+        ("POST", {}, {"type": "Feature", "geometry": None}),
+        ("POST", {}, {"type": "Polygon", "coordinates": [[[3, 43], [3.1, 43], [3, 43.1], [3, 43]]]}),
+    ],
+)
+def test_odd_inputs_are_4xx_never_5xx(client, sample, method, params, body):
+    r = client.request(method, export_url(sample.item(0)["id"]), params=params, json=body, headers=key("ann"))
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert "detail" in r.json()
+
+
+@pytest.mark.parametrize("resampling", ["nearest", "bilinear"])
+def test_pansharpened_on_a_lambert93_grid(client, sample, resampling):
+    """The pansharpened product is computed on the pan grid, then resampled onto the snapped grid."""
+    box = utm_box(sample, 500, 500, 150, 120)
+    params = {"bbox": ",".join(map(str, box)), "bbox-crs": "EPSG:32631", "asset": "pansharpened"}
+    native = client.get(export_url(sample.item(0)["id"]), params=params, headers=key("ann"))
+    r = client.get(
+        export_url(sample.item(0)["id"]),
+        params={**params, "grid": "l93-1.5", "resampling": resampling},
+        headers=key("ann"),
+    )
+    assert r.status_code == 200 and native.status_code == 200, r.text
+    with open_tif(r.content) as out, open_tif(native.content) as ref:
+        assert out.crs.to_epsg() == 2154 and out.res == (1.5, 1.5) and out.count == 4
+        assert (out.transform.c / 1.5).is_integer() and (out.transform.f / 1.5).is_integer()
+        data, ref_data = out.read(), ref.read()
+        assert (data != 0).mean() > 0.8
+        # same radiometry: a resampling moves pixels, not values
+        for b in range(4):
+            assert abs(np.median(data[b][data[b] != 0]) - np.median(ref_data[b])) < 0.05 * np.median(
+                ref_data[b]
+            )
+        assert resampling in out.tags()["dinamis_processing"]
