@@ -8,12 +8,15 @@ RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY tiler ./tiler
 RUN /opt/venv/bin/pip install --upgrade pip \
- && /opt/venv/bin/pip install ".[server,redis]"
+ && /opt/venv/bin/pip install ".[server,redis,jobs]"
 
 FROM python:3.11-slim-bookworm AS runtime
 RUN groupadd --system --gid 10001 tiler \
  && useradd --system --uid 10001 --gid tiler --home-dir /nonexistent --shell /usr/sbin/nologin tiler
 COPY --from=build /opt/venv /opt/venv
+# the export jobs' results (TILER_JOBS_RESULTS_DIR in deploy/compose.yaml): a volume mounted here
+# starts with this owner
+RUN mkdir -p /srv/exports && chown 10001:10001 /srv/exports
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     WEB_CONCURRENCY=2 \

@@ -32,8 +32,12 @@ def test_compose_services_and_secrets():
 
     doc = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
     services = doc["services"]
-    # the tiler is the only API: the STAC API is its /stac, no separate service
-    assert set(services) == {"database", "tiler"}
+    # the tiler is the only API: the STAC API is its /stac, no separate service; export jobs
+    # (a Redis and a worker) only with `--profile jobs`
+    assert set(services) == {"database", "tiler", "redis", "worker"}
+    assert services["redis"]["profiles"] == services["worker"]["profiles"] == ["jobs"]
+    assert services["worker"]["command"] == "tiler worker"
+    assert "ports" not in services["redis"] and "ports" not in services["worker"]
     assert not OLD_STAC_API.search(yaml.safe_dump(doc))
     assert services["tiler"]["depends_on"]["database"]["condition"] == "service_healthy"
     assert "healthcheck" in services["database"]
@@ -575,9 +579,10 @@ def test_every_env_var_is_read_by_the_settings(rendered):
             names |= set(res[("ConfigMap", src["configMapRef"]["name"])]["data"])
         unknown = names - known
         assert not unknown, f"{name}: variables no setting reads: {sorted(unknown)}"
-    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]["tiler"]
-    unknown = set(compose["environment"]) - known
-    assert not unknown, f"compose: variables no setting reads: {sorted(unknown)}"
+    services = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]
+    for name in ("tiler", "worker"):
+        unknown = set(services[name]["environment"]) - known
+        assert not unknown, f"compose {name}: variables no setting reads: {sorted(unknown)}"
 
 
 def test_tiler_config_files_and_secrets(rendered):

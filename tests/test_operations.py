@@ -10,7 +10,7 @@ from tests.conftest import make_settings
 from tiler.auth import hash_api_key
 from tiler.main import create_app
 from tiler.operations import METADATA, declared_all
-from tiler.settings import ApiSettings, AuthSettings, ExternalSettings, StacSettings
+from tiler.settings import ApiSettings, AuthSettings, ExternalSettings, JobSettings, StacSettings
 
 KEY = "dtk_ops-test-key-0123456789abcdefghijklmnopq"
 
@@ -38,6 +38,8 @@ def test_every_route_declares_its_operation(dsn, cog_server, tmp_path):
     settings.api = ApiSettings(enable_assets_endpoints=True)
     settings.stac = StacSettings(enabled=True)
     settings.external = ExternalSettings(enabled=True, allowed_prefixes=[cog_server.url + "/"])
+    # export jobs on (no Redis is contacted until a job route is called)
+    settings.jobs = JobSettings(redis_url="redis://127.0.0.1:9/0", results_dir=tmp_path / "jobs")
     app = create_app(settings)
     seen, undeclared = 0, []
     for methods, path, route in _routes(app):
@@ -75,6 +77,11 @@ def test_every_route_declares_its_operation(dsn, cog_server, tmp_path):
     pair = "/compare/searches/{before}/{after}"
     assert by_path[("GET", pair + "/tiles/{tileMatrixSetId}/{z}/{x}/{y}.{format}")].resource == "search_pair"
     assert by_path[("GET", pair + "/WMTSCapabilities.xml")] == METADATA.on("search_pair")
+    for method in ("GET", "POST"):
+        export = by_path[(method, item + "/export.tif")]
+        assert (export.right, export.resource) == ("data", "collection")
+    assert by_path[("POST", item + "/export-jobs")].right == "data"
+    assert by_path[("GET", "/jobs/{job_id}/result")].resource == "account"
 
 
 def test_a_route_without_declaration_is_refused(dsn, tmp_path):

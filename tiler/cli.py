@@ -1,4 +1,4 @@
-"""``tiler`` command: serve, demo, ingest, sample-data, migrate."""
+"""``tiler`` command: serve, worker, demo, ingest, sample-data, migrate."""
 
 from __future__ import annotations
 
@@ -35,6 +35,19 @@ def cli(ctx: click.Context, log_level: str) -> None:
     configure_logging(log_level)
 
 
+def _settings():  # noqa: ANN202 - tiler.settings.Settings, imported late
+    """Settings from the environment; a clear message instead of a traceback when they are invalid."""
+    from pydantic import ValidationError
+
+    from tiler.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as e:
+        msgs = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+        raise click.ClickException(f"invalid settings: {msgs}") from None
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option(
@@ -45,17 +58,10 @@ def cli(ctx: click.Context, log_level: str) -> None:
 def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
     """Serve an existing pgstac database (DATABASE_URL or PG* variables)."""
     import uvicorn
-    from pydantic import ValidationError
-
-    from tiler.settings import Settings
 
     # each worker's pool counts against the database's connection budget (tiler.db.connection_budget)
     os.environ["TILER_DB_WORKERS"] = str(workers)
-    try:
-        settings = Settings()
-    except ValidationError as e:
-        msgs = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
-        raise click.ClickException(f"invalid settings: {msgs}") from None
+    settings = _settings()
     configure_logging(ctx.obj["log_level"], fmt=settings.observability.log_format)
 
     uvicorn.run(
@@ -67,6 +73,26 @@ def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
         log_config=None,
         access_log=False,  # tiler.access writes one line per request, with its id
     )
+
+
+@cli.command()
+@click.option("--burst", is_flag=True, help="Stop when the queue is empty (tests, cron-style runs).")
+@click.option("--name", default=None, help="Worker name in rq (default: host and pid).")
+@click.pass_context
+def worker(ctx: click.Context, burst: bool, name: str | None) -> None:
+    """Run export jobs from the queue (TILER_JOBS_REDIS_URL); start as many as needed, anywhere."""
+    from tiler.jobs import run_worker
+    from tiler.process import configure_process
+    from tiler.upstream import install, set_signers
+
+    settings = _settings()
+    if not settings.jobs.enabled:
+        raise click.ClickException("TILER_JOBS_REDIS_URL is not set: there is no queue to work on")
+    configure_logging(ctx.obj["log_level"], fmt=settings.observability.log_format)
+    credentials = configure_process(settings)
+    install(credentials)
+    set_signers(credentials)
+    run_worker(settings, burst=burst, name=name)
 
 
 @cli.command()

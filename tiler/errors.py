@@ -63,6 +63,22 @@ class InvalidFilter(TilerError):
     """A CQL2 filter the server will not send to the catalogue (e.g. a malformed property name)."""
 
 
+class InvalidExportParameters(TilerError):
+    """An AOI export (`tiler.export`) that cannot be made: unknown band, CRS or grid, box outside the item."""
+
+
+class ExportTooLarge(LimitExceeded):
+    """An AOI export over the server's cap for a direct answer (or for a job): 400, never a downsample."""
+
+
+class JobNotFound(TilerError):
+    """No export job of that id for this caller (unknown, expired, or someone else's)."""
+
+
+class TooManyJobs(TilerError):
+    """The caller already has the most queued or running export jobs a user may have (429)."""
+
+
 # --------------------------------------------------------------------------- deadlines, upstream faults
 
 
@@ -125,6 +141,10 @@ STATUS_CODES: dict[type[Exception], int] = {
     LimitExceeded: status.HTTP_400_BAD_REQUEST,
     PointOutsideBounds: status.HTTP_404_NOT_FOUND,
     InvalidFilter: status.HTTP_400_BAD_REQUEST,
+    InvalidExportParameters: status.HTTP_400_BAD_REQUEST,
+    ExportTooLarge: status.HTTP_400_BAD_REQUEST,
+    JobNotFound: status.HTTP_404_NOT_FOUND,
+    TooManyJobs: status.HTTP_429_TOO_MANY_REQUESTS,
 }
 
 UPSTREAM_ERRORS = (UpstreamNotFound, UpstreamRefused, UpstreamUnavailable, UpstreamTimeout, UpstreamFailed)

@@ -54,6 +54,8 @@ def lifespan(
             uninstall(credentials)
             datasets.POOL.clear()
             app.state.dbpool.close()
+            if getattr(app.state, "jobs", None) is not None:
+                app.state.jobs.close()
             if app.state.tile_cache is not None and app.state.tile_cache.shared is not None:
                 app.state.tile_cache.shared.close()
 

@@ -54,6 +54,7 @@ from tiler.dependencies import (
     gdal_env_dependency,
 )
 from tiler.errors import register_error_handlers
+from tiler.exportapi import export_router, jobs_router
 from tiler.external import ExternalItems
 from tiler.factory import mosaicThumbnailExtension, thumbnailExtension
 from tiler.health import health_router
@@ -114,6 +115,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.tile_cache = tile_cache(settings.cache) if settings.cache.enabled else None
     app.state.auth = Authenticator(settings.auth, lambda: app.state.dbpool) if settings.auth.enabled else None
     app.state.stac = stac_app(settings, app) if settings.stac.enabled else None
+    app.state.jobs = None
+    if settings.jobs.enabled:
+        from tiler.jobs import JobQueue  # rq and redis: the `jobs` extra
+
+        app.state.jobs = JobQueue(settings.jobs)
     update_openapi(app)
     register_error_handlers(app)
     app.add_exception_handler(
@@ -315,6 +321,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # --- our routers: raw COG streaming and the STAC API, access, catalogue, health, landing
     app.include_router(stream_router(settings.stream))
+    app.include_router(export_router(settings))
+    if app.state.jobs is not None:
+        app.include_router(jobs_router(settings))
     if app.state.stac is not None:
         app.mount(STAC_MOUNT, MountedLinks(app.state.stac))
     app.include_router(auth_router())

@@ -98,6 +98,9 @@ CATALOGUE = Operation(resource="catalogue")
 SEARCHES = Operation(resource="searches", store=False)
 REGISTER = Operation(resource="register", store=False)
 STREAM = Operation("data", resource="stream")
+#: AOI exports of an item on its own grid (`tiler.exportapi`): full-resolution pixels, so ``data``
+EXPORT = Operation("data", resource="collection", sizes="part")
+EXPORT_JOB = Operation("data", resource="collection", sizes="part", store=False)
 
 #: titiler's and titiler-pgstac's endpoints, by what they do (paths relative to the factory's router;
 #: ``{y}.{format}`` also matches ``{y}``: a path parameter takes any text without a slash)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import quote, urlsplit
 
@@ -505,6 +506,93 @@ class SecureLinkSettings(BaseSettings):
     )
 
 
+def _redis_url(url: SecretStr | None, name: str) -> SecretStr | None:
+    """A Redis URL (``redis://``, ``rediss://``, ``unix://``) stripped, None when empty; the error never echoes it."""
+    if url is None or not url.get_secret_value().strip():
+        return None
+    if urlsplit(url.get_secret_value().strip()).scheme not in ("redis", "rediss", "unix"):
+        # the value may hold a password: never echo it
+        raise ValueError(f"{name} must be a redis://, rediss:// or unix:// URL")
+    return SecretStr(url.get_secret_value().strip())
+
+
+class ExportSettings(BaseSettings):
+    """AOI exports on the scene's own grid (``.../export.tif``): the cap of a direct answer.
+
+    Past a cap the answer is a 400 that states it and points to a job or the raw streams;
+    an export is never downsampled to fit.
+    """
+
+    max_size: int = Field(
+        default=8192, ge=1, description="Longer side of a direct export, output pixels (400 beyond)."
+    )
+    max_pixels: int = Field(
+        default=4096 * 4096,
+        ge=1,
+        description="Output pixels (width x height) of a direct export (400 beyond).",
+    )
+
+    model_config = SettingsConfigDict(env_prefix="TILER_EXPORT_", extra="ignore")
+
+
+class JobSettings(BaseSettings):
+    """Asynchronous exports (rq jobs on Redis): off unless ``redis_url`` is set.
+
+    ``redis_url`` may carry a password: it is a secret, never logged or shown.
+    """
+
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description="Redis of the job queue (`redis://[:password@]host:port/db`, `rediss://`, `unix://`). Unset: no jobs.",
+    )
+    queue: str = Field(
+        default="dinamis-tiler-exports",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Name of the rq queue (the API and every `tiler worker` must agree).",
+    )
+    results_dir: Path | None = Field(
+        default=None,
+        description="Directory of the finished files, shared by the API and the workers (required with `redis_url`).",
+    )
+    max_per_user: int = Field(default=2, ge=1, description="Queued or running jobs of one user (429 beyond).")
+    max_size: int = Field(default=40000, ge=1, description="Longer side of a job's export, output pixels.")
+    max_pixels: int = Field(
+        default=20000 * 20000, ge=1, description="Output pixels (width x height) of a job's export."
+    )
+    result_ttl: int = Field(
+        default=86400, ge=1, description="Seconds a finished job and its file are kept (then deleted)."
+    )
+    job_timeout: int = Field(
+        default=3600, ge=1, description="Seconds a job may run before the worker stops it."
+    )
+    admin_groups: Annotated[list[str], NoDecode] = Field(
+        default=[], description="Comma-separated groups that may see and download every user's jobs."
+    )
+
+    # hide_input_in_errors: a refused value may hold a password, errors must not echo it
+    model_config = SettingsConfigDict(env_prefix="TILER_JOBS_", extra="ignore", hide_input_in_errors=True)
+
+    _split = field_validator("admin_groups", mode="before")(_split_csv)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, url: SecretStr | None) -> SecretStr | None:
+        return _redis_url(url, "TILER_JOBS_REDIS_URL")
+
+    @model_validator(mode="after")
+    def _needs_results_dir(self) -> JobSettings:
+        if self.redis_url is not None and self.results_dir is None:
+            raise ValueError("TILER_JOBS_RESULTS_DIR is required when TILER_JOBS_REDIS_URL is set")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """True when a Redis is configured."""
+        return self.redis_url is not None
+
+
 class TileCacheSettings(BaseSettings):
     """The cache of rendered tiles: one in-process LRU per worker, then an optional shared Redis.
 
@@ -553,12 +641,7 @@ class TileCacheSettings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, url: SecretStr | None) -> SecretStr | None:
-        if url is None or not url.get_secret_value().strip():
-            return None
-        if urlsplit(url.get_secret_value().strip()).scheme not in ("redis", "rediss", "unix"):
-            # the value may hold a password: never echo it
-            raise ValueError("TILER_CACHE_REDIS_URL must be a redis://, rediss:// or unix:// URL")
-        return SecretStr(url.get_secret_value().strip())
+        return _redis_url(url, "TILER_CACHE_REDIS_URL")
 
 
 class ObservabilitySettings(BaseSettings):
@@ -679,6 +762,8 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     stac: StacSettings = Field(default_factory=StacSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
 
     model_config = SettingsConfigDict(extra="ignore")
 
