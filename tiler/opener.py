@@ -4,8 +4,9 @@ GDAL's ``/vsicurl/`` asks a plain HTTP(S) host for a file's size before its firs
 (a HEAD, or a GET it aborts after the headers): a cold tile costs HEAD, header and data.
 The STAC item already says the size (``file:size``) and how many bytes precede the first
 tile (``file:header_size``), so `SigningReader` opens such files through a rasterio opener
-(rasterio's Python VSI plugin) instead: GDAL learns the size from `KnownSizeOpener.size`
-and the first read fetches the whole header in one GET.
+(rasterio's Python VSI plugin, one handler for the process: `vsi_path`) instead: GDAL
+learns the size from `KnownSizeOpener.size` and the first read fetches the whole header in
+one GET.
 
 What ``/vsicurl/`` does for the reads after that is done here the same way:
 
@@ -31,6 +32,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -120,7 +123,7 @@ CHUNKS = ChunkCache()
 _client: httpx.Client | None = None
 _client_lock = threading.Lock()
 #: parallel GETs of one multi-range read (GDAL sends them multiplexed)
-_parallel = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tiler-opener")
+_parallel = ThreadPoolExecutor(max_workers=32, thread_name_prefix="tiler-opener")
 
 
 def configure(gdal: Any, enabled: bool = True) -> None:
@@ -179,10 +182,10 @@ def _share_registry() -> None:
     """Make rasterio's opener registry one per process instead of one per context.
 
     rasterio 1.4 keeps registered openers and open files in context variables (and
-    reads them with ``get({})``): a thread that does not share the opening context (rio-tiler's
-    reader threads, the dataset pool closing a dataset another request opened) finds no
-    opener and cannot close the file. Both are replaced by one process-wide dict each
-    (the callbacks that use them run under the GIL).
+    reads them with ``get({})``): a thread that does not share the registering context
+    (every request's, rio-tiler's reader threads, the dataset pool closing a dataset another
+    request opened) finds no opener and cannot close the file. Both are replaced by one
+    process-wide dict each (the callbacks that use them run under the GIL).
     """
     for name in ("_OPENER_REGISTRY", "_OPEN_FILE_EXIT_STACKS"):
         var = getattr(_vsiopener, name)
@@ -194,7 +197,7 @@ _share_registry()
 
 
 class KnownSizeOpener:
-    """A rasterio opener for one remote file whose size and header size are known.
+    """How to read one remote file whose size and header size are known (its GDAL path: `vsi_path`).
 
     ``budget`` and ``label`` are those of the reader using the dataset now (a pooled
     dataset serves one request at a time); ``error`` the failure the last read met.
@@ -297,8 +300,9 @@ class KnownSizeOpener:
     def _read_ahead(self, a: int, b: int) -> tuple[int, int]:
         """The chunks to GET for a read missing ``a..b``: more when reads go on sequentially (as /vsicurl/).
 
-        A read starting where the previous GET ended doubles the chunks of that GET (up to
-        256, 4 MiB); a read elsewhere resets it. The run stops before a chunk already held.
+        A read starting where the previous GET ended asks twice the chunks of that GET (doubling
+        up to 256, 4 MiB, or what the read needs); a read elsewhere starts again from one chunk.
+        The run stops before a chunk already held.
         """
         if a == self._next_chunk:
             if self._blocks < 128:
@@ -314,7 +318,7 @@ class KnownSizeOpener:
                 if i in held:
                     end = i - 1
                     break
-        self._next_chunk = end + 1
+        self._next_chunk, self._blocks = end + 1, end - a + 1
         return a, end
 
     def _fetch_runs(self, runs: list[tuple[int, int]]) -> list[bytes]:
@@ -444,7 +448,84 @@ class KnownSizeOpener:
         return buf[a - first * CHUNK : b - first * CHUNK]
 
 
-MultiByteRangeResourceContainer.register(KnownSizeOpener)
+class _Router:
+    """The one opener rasterio registers (`vsi_path`): it hands each path to its file's opener.
+
+    rasterio's ``rasterio.open(href, opener=...)`` installs a GDAL file system handler at
+    every open and removes it at every close; GDAL's handler table has no lock, and other
+    threads look handlers up at every open, so that is not safe in a threaded server. One
+    handler is installed once instead, and paths name their opener:
+    ``/vsiriopener_<id>/<token>/<href>``. Openers are held weakly: one lives as long as its
+    dataset (`tiler.upstream` keeps it with the dataset) and its open files.
+    """
+
+    def __init__(self) -> None:
+        self.files: weakref.WeakValueDictionary[str, KnownSizeOpener] = weakref.WeakValueDictionary()
+        self.prefix: str | None = None
+        self._registration: Any = None
+        self._lock = threading.Lock()
+
+    def install(self) -> str:
+        """The handler's path prefix (installed on first use)."""
+        with self._lock:
+            if self.prefix is None:
+                self._registration = _vsiopener._opener_registration("tiler/opener", self)
+                path = self._registration.__enter__()  # never left: the handler stays for the process
+                self.prefix = "/" + path.split("/")[1] + "/"
+            return self.prefix
+
+    def _get(self, path: str) -> tuple[KnownSizeOpener, str]:
+        token, _, href = path.partition("/")
+        found = self.files.get(token)
+        if found is None or not found._is_it(href):
+            raise FileNotFoundError(path)
+        return found, href
+
+    def open(self, path: str, mode: str = "rb", **kwds: Any) -> RangeFile:
+        """A file object of the path's opener."""
+        found, href = self._get(path)
+        return found.open(href, mode)
+
+    def isfile(self, path: str) -> bool:
+        """True for a registered file."""
+        try:
+            self._get(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def isdir(self, path: str) -> bool:
+        """No directories."""
+        return False
+
+    def ls(self, path: str) -> list[str]:
+        """No listings."""
+        return []
+
+    def mtime(self, path: str) -> int:
+        """Unknown: 0."""
+        return 0
+
+    def rm(self, path: str) -> None:
+        """Read-only."""
+        raise PermissionError(path)
+
+    def size(self, path: str) -> int:
+        """The file's size (``file:size``)."""
+        found, href = self._get(path)
+        return found.size(href)
+
+
+MultiByteRangeResourceContainer.register(_Router)
+_ROUTER = _Router()
+
+
+def vsi_path(op: KnownSizeOpener) -> str:
+    """The GDAL path that reads ``op``'s file through it (keep ``op`` referenced while in use)."""
+    prefix = _ROUTER.install()
+    token = uuid.uuid4().hex
+    _ROUTER.files[token] = op
+    return f"{prefix}{token}/{op.href}"
 
 
 def _missing_runs(first: int, last: int, have: Mapping[int, bytes]) -> list[tuple[int, int]]:

@@ -345,8 +345,8 @@ class SigningReader(LowZoomMixin, Reader):
                 signer=self._signer,
                 budget=self.budget,
             )
-            ds = rasterio.open(href, opener=self._opener)
-            _OPENERS[ds] = self._opener
+            ds = rasterio.open(opener.vsi_path(self._opener))
+            _OPENERS[ds] = self._opener  # the opener lives as long as the dataset
             return ds
         if self._signer is None:
             return rasterio.open(href)
