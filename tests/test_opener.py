@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 from fastapi.testclient import TestClient
 from faultserver import FaultServer
 from prometheus_client import REGISTRY
@@ -29,7 +30,7 @@ from tiler import opener
 from tiler.ingest import load
 from tiler.main import create_app
 from tiler.rangeserver import RangeHTTPServer, RangeRequestHandler
-from tiler.settings import ReaderSettings
+from tiler.settings import GdalSettings, ReaderSettings
 from tiler.upstream import clear_http_cache
 
 C = "opener-c"
@@ -327,3 +328,36 @@ def test_503_then_ok_is_retried_as_gdal_would(app_client, faulty, sample):
     clear_http_cache()
     ref = app_client.get(f"{_item(sample, 0)}/tiles/WebMercatorQuad/{z}/{x}/{y}.tif", params={"assets": "ms"})
     assert r.content == ref.content
+
+
+def test_concurrent_cold_reads_from_many_threads(origin, sample):
+    """Threads opening, reading and closing datasets of 6 files at once (pool on): the tiles of /vsicurl/."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tiler.upstream import SigningReader
+
+    options = GdalSettings().options()
+    jobs = []
+    for i, it in enumerate(sample.items):
+        for name, z in (("ms", 15), ("pan", 16)):
+            a = it["assets"][name]
+            href = f"{origin.url}/{Path(a['href']).name}"
+            x, y = _centre_tile(sample, i, z)
+            jobs.append((href, a["file:size"], a["file:header_size"], (x, y, z)))
+
+    def read(job, known: bool):
+        href, size, header, tile = job
+        kw = {"file_size": size, "header_size": header} if known else {}
+        with rasterio.Env(**options), SigningReader(href, budget=None, **kw) as r:  # as the app's reads
+            assert (r._opener is not None) == known
+            img = r.tile(*tile)
+        return img.array.data, img.array.mask
+
+    clear_http_cache(origin.url)
+    want = [read(job, known=False) for job in jobs]
+    with ThreadPoolExecutor(12) as pool:
+        for _ in range(3):
+            clear_http_cache(origin.url)  # cold again: every thread opens, the pool closes
+            got = list(pool.map(lambda j: read(j, known=True), jobs * 4))
+            for (data, mask), (wdata, wmask) in zip(got, want * 4, strict=True):
+                assert np.array_equal(data, wdata) and np.array_equal(mask, wmask)
