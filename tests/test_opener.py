@@ -36,6 +36,7 @@ from tiler.upstream import clear_http_cache
 C = "opener-c"
 GONE = "opener-gone"
 FLAKY = "opener-flaky"
+WRONG = "opener-wrong-size"
 
 
 class Logged(RangeRequestHandler):
@@ -54,13 +55,15 @@ def origin(dsn, sample, tmp_path_factory):
     server.lock = threading.Lock()
     server.start_background()
 
-    def rehost(base: str, gone: bool = False):
+    def rehost(base: str, gone: bool = False, wrong: bool = False):
         def mutate(items):
             for it in items:
                 it["id"] = f"{it['id']}-GONE" if gone else it["id"]
                 for name, a in it["assets"].items():
                     file = "GONE_MS.tif" if gone and name == "ms" else a["href"].rsplit("/", 1)[1]
-                    a["href"] = f"{base}/{file}"
+                    a["href"] = f"{base}/{file}" + ("?stale=1" if wrong else "")
+                    if wrong:
+                        a["file:size"] += 1000  # a catalogue out of date with its storage
 
         return mutate
 
@@ -69,6 +72,11 @@ def origin(dsn, sample, tmp_path_factory):
     load(
         dsn,
         copy_items(sample, tmp_path_factory.mktemp("gone"), GONE, rehost(server.url, gone=True)),
+        progress=False,
+    )
+    load(
+        dsn,
+        copy_items(sample, tmp_path_factory.mktemp("wrong"), WRONG, rehost(server.url, wrong=True)),
         progress=False,
     )
     clear_http_cache(server.url)
@@ -361,3 +369,23 @@ def test_concurrent_cold_reads_from_many_threads(origin, sample):
             got = list(pool.map(lambda j: read(j, known=True), jobs * 4))
             for (data, mask), (wdata, wmask) in zip(got, want * 4, strict=True):
                 assert np.array_equal(data, wdata) and np.array_equal(mask, wmask)
+
+
+def test_a_wrong_file_size_falls_back_to_vsicurl(app_client, origin, sample, caplog):
+    """file:size out of date: the header GET shows it (Content-Range), the file is read by /vsicurl/."""
+    z = 15
+    x, y = _centre_tile(sample, 0, z)
+    tile = f"/tiles/WebMercatorQuad/{z}/{x}/{y}.tif"
+    r, log = _cold(
+        app_client, origin, f"/collections/{WRONG}/items/{sample.item(0)['id']}{tile}", {"assets": "ms"}
+    )
+    assert [m for m, *_ in log] == ["GET", "HEAD", "GET", "GET"], (
+        log
+    )  # the opener's header GET, then /vsicurl/
+    assert any("file:size" in rec.getMessage() and "vsicurl" in rec.getMessage() for rec in caplog.records)
+    ref, _ = _cold(app_client, origin, f"{_item(sample, 0)}{tile}", {"assets": "ms"})
+    assert r.content == ref.content
+    _, log = _cold(
+        app_client, origin, f"/collections/{WRONG}/items/{sample.item(0)['id']}{tile}", {"assets": "ms"}
+    )
+    assert [m for m, *_ in log] == ["HEAD", "GET", "GET"], log  # remembered: no wasted GET

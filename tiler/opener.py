@@ -193,6 +193,21 @@ class OriginError(Exception):
     """A failed origin request, worded as GDAL words them (`tiler.errors.classify_upstream` reads it)."""
 
 
+class SizeMismatch(OriginError):
+    """The storage's file is not the size its STAC item says (``Content-Range`` total)."""
+
+
+#: (href, file:size) pairs found wrong: read through /vsicurl/ from then on (bounded)
+WRONG_SIZES: set[tuple[str, int]] = set()
+
+
+def _total_size(response: http.client.HTTPResponse) -> int | None:
+    """The file size a 206 or 416 answer gives (``Content-Range: bytes a-b/N`` or ``*/N``)."""
+    value = response.getheader("Content-Range") or ""
+    total = value.rpartition("/")[2].strip()
+    return int(total) if total.isdigit() else None
+
+
 class _ProcessWide:
     """Stands in for one of rasterio's context variables: the same value in every thread and context."""
 
@@ -447,6 +462,16 @@ class KnownSizeOpener:
         code = response.status
         received = 0
         try:
+            total = _total_size(response) if code in (206, 416) else None
+            if code == 200 and response.length is not None:
+                total = response.length
+            if total is not None and total != self.size_:
+                if len(WRONG_SIZES) > 10000:
+                    WRONG_SIZES.clear()
+                WRONG_SIZES.add((self.href, self.size_))
+                raise SizeMismatch(
+                    f"the file on the storage has {total} bytes, its STAC item says {self.size_} (file:size)"
+                )
             if code not in (200, 206):
                 response.read(65536)
                 return code, b""

@@ -214,7 +214,8 @@ def opens_known_size(href: str, size: Any) -> bool:
 
     That takes an HTTP(S) href, its size (``file:size``), the opener enabled
     (``TILER_READER_KNOWN_SIZE_OPENER``) and no GDAL ``options`` registered for its prefix
-    (the opener sends headers and signs, but applies no other GDAL option).
+    (the opener sends headers and signs, but applies no other GDAL option), and a size not
+    found wrong before (`tiler.opener.WRONG_SIZES`: such files are read through /vsicurl/).
     """
     return (
         opener.CONFIG.enabled
@@ -222,6 +223,7 @@ def opens_known_size(href: str, size: Any) -> bool:
         and size > 0
         and href.startswith(("https://", "http://"))
         and not any(href.startswith(p) for p in _with_options)
+        and (href, size) not in opener.WRONG_SIZES
     )
 
 
@@ -345,7 +347,18 @@ class SigningReader(LowZoomMixin, Reader):
                 signer=self._signer,
                 budget=self.budget,
             )
-            ds = rasterio.open(opener.vsi_path(self._opener))
+            try:
+                ds = rasterio.open(opener.vsi_path(self._opener))
+            except RasterioError:
+                if not isinstance(self._opener.error, opener.SizeMismatch):
+                    raise
+                logger.warning(
+                    "%s: %s; read through GDAL's /vsicurl/ instead",
+                    self._asset_label(),
+                    self._opener.error,
+                )
+                self._known_size, self._opener = False, None
+                return self._open(href)
             _OPENERS[ds] = self._opener  # the opener lives as long as the dataset
             return ds
         if self._signer is None:
