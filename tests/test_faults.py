@@ -6,6 +6,7 @@ re-hosted on it in collections of their own, one fault per item.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -243,15 +244,25 @@ def _tile_of(item, z=15):
     return (z, *mercator_tile(*lonlat_of_item_centre(item), z))
 
 
+@contextlib.contextmanager
+def _slow_delay(server, seconds: float):
+    before, server.slow_delay = server.slow_delay, seconds
+    try:
+        yield
+    finally:
+        server.slow_delay = before
+
+
 def test_deadline_504_frees_the_thread_and_stops_the_mosaic(dsn, sample, slow_items, faulty):
     """504 at the deadline; the render left behind ends within GDAL's timeout and reads no further item.
 
-    Each upstream request takes 0.5 s and an item needs several in a row, so the first chunk
-    of items (read in parallel, `MOSAIC_THREADS`) is still running at the 1.5 s deadline. The
-    next chunk must not be read: rio-tiler's threads check the request's budget per item.
+    Each upstream request takes 0.8 s and an item needs two in a row (header, data), so the
+    first chunk of items (read in parallel, `MOSAIC_THREADS`) is still running at the 1.5 s
+    deadline. The next chunk must not be read: rio-tiler's threads check the request's budget
+    per item.
     """
     app = create_app(_short_app(dsn, request_timeout=1.5, http_timeout=1))
-    with TestClient(app) as c:
+    with TestClient(app) as c, _slow_delay(faulty, 0.8):
         _warm_up(c.get)
         z, x, y = _tile_of(next(iter(slow_items.values())))
         faulty.seen.clear()

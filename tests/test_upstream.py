@@ -38,6 +38,7 @@ class ArchiveHandler(RangeRequestHandler):
         area, _, rest = parts.path.lstrip("/").partition("/")
         with self.server.lock:  # type: ignore[attr-defined]
             self.server.seen.append((area, self.headers.get("X-Archive-Token"), parts.query))  # type: ignore[attr-defined]
+            self.server.methods.append((area, self.command))  # type: ignore[attr-defined]
         if area == "protected" and self.headers.get("X-Archive-Token") != SECRET:
             self.send_error(401, "token required")
             return
@@ -52,6 +53,7 @@ class ArchiveHandler(RangeRequestHandler):
 def archive(sample):
     server = RangeHTTPServer(sample.directory, handler_class=ArchiveHandler)
     server.seen = []
+    server.methods = []
     server.accepted = "v1"
     server.lock = threading.Lock()
     server.start_background()
@@ -158,6 +160,7 @@ def test_expired_signature_is_refreshed_once(upstream_client, sample, archive):
     # the archive rotates its signature: the cached signed href now gets 403
     archive.accepted = SIGNER["current"] = "v2"
     archive.seen.clear()
+    archive.methods.clear()
     clear_http_cache()  # as if GDAL had evicted the blocks: the next read goes to the archive
     c.app.state.tile_cache.clear()  # and the tile cache its tiles
     r = c.get(f"/collections/{C}/items/C-signed/{_tile(sample, z=16)}", params=RGB)
@@ -165,6 +168,8 @@ def test_expired_signature_is_refreshed_once(upstream_client, sample, archive):
     assert True in SIGNER["calls"]  # signed again with refresh=True
     queries = [q for area, _, q in archive.seen if area == "signed"]
     assert any("sig=v1" in q for q in queries) and any("sig=v2" in q for q in queries)
+    # read through tiler.opener (the item gives file:size): signed and re-signed there, no HEAD
+    assert archive.methods and ("signed", "HEAD") not in archive.methods
     # the signed query never shows in a response
     r = c.get(f"/collections/{C}/items/C-signed/info?assets=ms")
     assert r.status_code == 200 and "sig=" not in r.text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rio_tiler.profiles import img_profiles
 
-from tiler import datasets, warpcache
+from tiler import datasets, opener, warpcache
 from tiler.logs import configure_logging, redact_library_logs
 from tiler.metrics import ORIGIN
 from tiler.settings import Settings
@@ -25,6 +25,7 @@ def configure_process(settings: Settings) -> list[Credential]:
         ORIGIN.enable()
     datasets.limit_malloc_arenas(settings.reader.malloc_arena_max)
     datasets.configure(settings.reader.pool_size, settings.reader.pool_per_file, settings.reader.pool_ttl)
+    opener.configure(settings.gdal, enabled=settings.reader.known_size_opener)
     # titiler's render_image lets rio-tiler's profile win over per-call options: set the level there
     img_profiles.data["png"]["zlevel"] = settings.reader.png_zlevel
     warpcache.install()

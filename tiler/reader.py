@@ -54,6 +54,20 @@ def _with_context(info: AssetInfo, item_id: str, budget: Budget | None) -> Asset
     return info
 
 
+def _with_file(info: AssetInfo, href: str | None, metadata: dict) -> AssetInfo:
+    """Asset reader options: the file's size and header size from the STAC ``file`` extension.
+
+    `SigningReader` then reads the file without GDAL's size probe (`tiler.opener`). Only
+    for the asset's own href (an alternate href may be another file).
+    """
+    size, header = metadata.get("file:size"), metadata.get("file:header_size")
+    if info["url"] == href and isinstance(size, int) and not isinstance(size, bool):
+        info["reader_options"]["file_size"] = size
+        if isinstance(header, int) and not isinstance(header, bool):
+            info["reader_options"]["header_size"] = header
+    return info
+
+
 def _with_stretch(info: AssetInfo, metadata: dict) -> AssetInfo:
     if "expression" in info.get("method_options", {}):
         return info
@@ -234,7 +248,9 @@ class ItemReader(GridCacheMixin, PansharpenMixin, PgSTACReader):
     def _get_asset_info(self, asset: AssetType) -> AssetInfo:
         info = super()._get_asset_info(asset)
         _with_context(info, self.item.id, self.budget)
-        return _with_stretch(info, self.item.assets[info["name"]].extra_fields)
+        asset = self.item.assets[info["name"]]
+        _with_file(info, asset.get_absolute_href() or asset.href, asset.extra_fields)
+        return _with_stretch(info, asset.extra_fields)
 
 
 @attr.s
@@ -280,7 +296,9 @@ class MosaicItemReader(GridCacheMixin, PansharpenMixin, SimpleSTACReader):
     def _get_asset_info(self, asset: AssetType) -> AssetInfo:
         info = super()._get_asset_info(asset)
         _with_context(info, str(self.input.get("id")), self.budget)
-        return _with_stretch(info, self.input["assets"][info["name"]])
+        asset = self.input["assets"][info["name"]]
+        _with_file(info, asset.get("href"), asset)
+        return _with_stretch(info, asset)
 
 
 @attr.s

@@ -346,6 +346,16 @@ class ReaderSettings(BaseSettings):
         ),
     )
 
+    known_size_opener: bool = Field(
+        default=True,
+        description=(
+            "Read HTTP(S) assets whose STAC item gives `file:size` through the server's own range "
+            "reader (`tiler.opener`): no size probe (HEAD) before the first range, the header "
+            "(`file:header_size`) in one GET: a cold tile costs 2 origin requests instead of 3. "
+            "false: GDAL's /vsicurl/ for every file."
+        ),
+    )
+
     malloc_arena_max: int = Field(
         default=2,
         ge=0,

@@ -31,6 +31,7 @@ import importlib
 import logging
 import os
 import re
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,12 +42,12 @@ import rasterio
 from rasterio.errors import RasterioError, RasterioIOError
 from rio_tiler.io import Reader
 
-from tiler import native
+from tiler import native, opener
 from tiler.auth import PolicyError, load_document
 from tiler.datasets import POOL
 from tiler.deadline import Budget
 from tiler.deadline import current as current_budget
-from tiler.errors import UpstreamError, classify_upstream, file_label
+from tiler.errors import DeadlineExceeded, RequestCancelled, UpstreamError, classify_upstream, file_label
 from tiler.lowzoom import LowZoomMixin
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ def clear_http_cache(prefix: str | None = None) -> None:
     files (`tiler.datasets.POOL`) are closed too.
     """
     POOL.discard(prefix)
+    opener.CHUNKS.discard(prefix)
     native.clear_curl_cache(gdal_path(prefix) if prefix is not None else None)
 
 
@@ -175,6 +177,7 @@ def uninstall(credentials: list[Credential]) -> None:
 _signers: list[tuple[str, Signer]] = []
 _headers: list[tuple[str, Mapping[str, str]]] = []
 _redirects: list[str] = []
+_with_options: list[str] = []
 
 
 def set_signers(credentials: list[Credential]) -> None:
@@ -186,6 +189,7 @@ def set_signers(credentials: list[Credential]) -> None:
     _signers[:] = sorted(((c.prefix, c.signer) for c in credentials if c.signer), key=lambda t: -len(t[0]))
     _headers[:] = sorted(((c.prefix, c.headers) for c in credentials if c.headers), key=lambda t: -len(t[0]))
     _redirects[:] = [c.prefix for c in credentials if c.stream == "redirect"]
+    _with_options[:] = [c.prefix for c in credentials if c.options]
 
 
 def redirects(href: str) -> bool:
@@ -203,6 +207,24 @@ def headers_for(href: str) -> dict[str, str]:
         if href.startswith(prefix):
             return dict(headers)
     return {}
+
+
+def opens_known_size(href: str, size: Any) -> bool:
+    """True when ``href`` is read through `tiler.opener` (no size probe) rather than GDAL's /vsicurl/.
+
+    That takes an HTTP(S) href, its size (``file:size``), the opener enabled
+    (``TILER_READER_KNOWN_SIZE_OPENER``) and no GDAL ``options`` registered for its prefix
+    (the opener sends headers and signs, but applies no other GDAL option), and a size not
+    found wrong before (`tiler.opener.WRONG_SIZES`: such files are read through /vsicurl/).
+    """
+    return (
+        opener.CONFIG.enabled
+        and isinstance(size, int)
+        and size > 0
+        and href.startswith(("https://", "http://"))
+        and not any(href.startswith(p) for p in _with_options)
+        and (href, size) not in opener.WRONG_SIZES
+    )
 
 
 def signer_for(href: str) -> Signer | None:
@@ -236,7 +258,7 @@ def _retry_on_refusal(name: str) -> Callable:
             try:
                 return parent(*args, **kwargs)
             except RasterioIOError as e:
-                if self._signer is None or not _refused(e):
+                if self._signer is None or self._known_size or not _refused(e):
                     raise
                 logger.info("upstream refused a signed href while reading; signing it again")
                 self._open_signed(refresh=True)
@@ -254,6 +276,10 @@ def forget_failure(href: str) -> None:
     clear_http_cache(href.split("?", 1)[0].split("#", 1)[0])
 
 
+#: the opener of each dataset opened through `tiler.opener` (pooled datasets keep theirs)
+_OPENERS: weakref.WeakKeyDictionary[Any, opener.KnownSizeOpener] = weakref.WeakKeyDictionary()
+
+
 @attr.s
 class SigningReader(LowZoomMixin, Reader):
     """rio-tiler Reader that signs its href and turns storage failures into `UpstreamError`.
@@ -267,14 +293,21 @@ class SigningReader(LowZoomMixin, Reader):
     ``budget`` (the request's `tiler.deadline.Budget`; in rio-tiler's worker threads the
     STAC readers pass it) is checked before opening and reading. Tiles much larger
     than the dataset read only the part it covers (`tiler.lowzoom.LowZoomMixin`).
+    With ``file_size`` (the STAC ``file:size``) an HTTP(S) file is read through
+    `tiler.opener` (no size probe; ``header_size``, the STAC ``file:header_size``,
+    fetched whole at open), which signs, re-signs and retries itself.
     """
 
     label: str | None = attr.ib(default=None, kw_only=True)
     budget: Budget | None = attr.ib(factory=current_budget, kw_only=True)
+    file_size: int | None = attr.ib(default=None, kw_only=True)
+    header_size: int | None = attr.ib(default=None, kw_only=True)
     _signer: Signer | None = attr.ib(init=False, default=None)
     _href: str | None = attr.ib(init=False, default=None)
     _pooled: Any = attr.ib(init=False, default=None)
     _failed: bool = attr.ib(init=False, default=False)
+    _known_size: bool = attr.ib(init=False, default=False)
+    _opener: opener.KnownSizeOpener | None = attr.ib(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         """Open the dataset (signed href), or take an idle one from `tiler.datasets.POOL`."""
@@ -284,17 +317,50 @@ class SigningReader(LowZoomMixin, Reader):
         self._signer = signer_for(href) if isinstance(href, str) and self.dataset is None else None
         if self._signer is not None:
             self._href = href
+        self._known_size = (
+            self.dataset is None and isinstance(href, str) and opens_known_size(href, self.file_size)
+        )
         with self._upstream_guard():
             if self.dataset is None and isinstance(href, str) and POOL.enabled:
-                self._pooled = POOL.take(href) or self._open(href)
+                self._pooled = POOL.take(href)
+                if self._pooled is not None:
+                    self._opener = _OPENERS.get(self._pooled)
+                    if self._opener is not None:
+                        self._opener.budget, self._opener.error = self.budget, None
+                else:
+                    self._pooled = self._open(href)
                 self.dataset = self._pooled
                 self._ctx_stack.callback(self._give_back)
-            elif self._signer is not None:
+            elif self._signer is not None or self._known_size:
                 self.dataset = self._ctx_stack.enter_context(self._open(href))
             super().__attrs_post_init__()
 
     def _open(self, href: str) -> Any:
         """``rasterio.open`` of ``href``, signed (and signed again once if refused)."""
+        if self._known_size:
+            assert self.file_size is not None
+            self._opener = opener.KnownSizeOpener(
+                href,
+                self.file_size,
+                self.header_size,
+                headers=headers_for(href),
+                signer=self._signer,
+                budget=self.budget,
+            )
+            try:
+                ds = rasterio.open(opener.vsi_path(self._opener))
+            except RasterioError:
+                if not isinstance(self._opener.error, opener.SizeMismatch):
+                    raise
+                logger.warning(
+                    "%s: %s; read through GDAL's /vsicurl/ instead",
+                    self._asset_label(),
+                    self._opener.error,
+                )
+                self._known_size, self._opener = False, None
+                return self._open(href)
+            _OPENERS[ds] = self._opener  # the opener lives as long as the dataset
+            return ds
         if self._signer is None:
             return rasterio.open(href)
         try:
@@ -325,14 +391,30 @@ class SigningReader(LowZoomMixin, Reader):
             yield
         except UpstreamError:
             raise
-        except RasterioIOError as e:
-            self._failed = True
+        except RasterioError as e:
+            self._failed = True  # a GDAL-level failure: do not reuse the dataset
+            recorded = opener.take_error(self._opener)
+            if recorded is not None:
+                self._raise_recorded(recorded, e)
+            if not isinstance(e, RasterioIOError):
+                raise
             if isinstance(self.input, str):
                 forget_failure(self.input)
             raise classify_upstream(e, self._asset_label()) from e
-        except RasterioError:
-            self._failed = True  # a GDAL-level failure: do not reuse the dataset
-            raise
+        recorded = opener.take_error(self._opener)
+        if recorded is not None:  # GDAL read on (e.g. zeros of a failed multi-range read): not kept
+            self._failed = True
+            self._raise_recorded(recorded, None)
+
+    def _raise_recorded(self, error: BaseException, gdal_error: BaseException | None) -> None:
+        """Raise what `tiler.opener` recorded: its deadline as is, a host failure as an `UpstreamError`."""
+        if isinstance(self.input, str):
+            forget_failure(self.input)
+        if isinstance(error, (DeadlineExceeded, RequestCancelled, UpstreamError)):
+            raise error from gdal_error
+        if not isinstance(error, opener.OriginError):
+            logger.warning("reading %s through the opener failed", self._asset_label(), exc_info=error)
+        raise classify_upstream(error, self._asset_label()) from error
 
     def _open_signed(self, refresh: bool) -> None:
         assert self._signer is not None and self._href is not None
