@@ -31,7 +31,7 @@ from tiler.ingest import load
 from tiler.main import create_app
 from tiler.rangeserver import RangeHTTPServer, RangeRequestHandler
 from tiler.settings import GdalSettings, ReaderSettings
-from tiler.upstream import clear_http_cache
+from tiler.upstream import clear_http_cache, opens_known_size
 
 C = "opener-c"
 GONE = "opener-gone"
@@ -145,6 +145,20 @@ def test_the_setting_turns_the_opener_off(dsn, origin):
     finally:
         create_app(make_settings(dsn))
     assert opener.CONFIG.enabled is True
+
+
+def test_a_rasterio_without_the_opener_internals_falls_back_to_vsicurl(monkeypatch, caplog):
+    monkeypatch.setattr(opener, "SUPPORTED", False)
+    try:
+        with caplog.at_level("WARNING", logger="tiler.opener"):
+            opener.configure(GdalSettings(), enabled=True)
+        assert opener.CONFIG.enabled is False
+        assert "/vsicurl/" in caplog.text
+        assert not opens_known_size("http://127.0.0.1/a.tif", 1000)
+    finally:
+        monkeypatch.undo()
+        opener.configure(GdalSettings(), enabled=True)
+    assert opener.CONFIG.enabled is True and opens_known_size("http://127.0.0.1/a.tif", 1000)
 
 
 def test_cold_tile_is_two_gets_and_no_head(app_client, origin, sample, vsicurl):

@@ -44,8 +44,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from rasterio import _vsiopener
-from rasterio.abc import MultiByteRangeResourceContainer
+import rasterio
+
+try:  # rasterio 1.4's Python VSI plugin (private: checked by `SUPPORTED`)
+    from rasterio import _vsiopener
+    from rasterio.abc import MultiByteRangeResourceContainer
+except ImportError:  # pragma: no cover - another rasterio
+    _vsiopener = MultiByteRangeResourceContainer = None
 
 from tiler.deadline import Budget
 from tiler.metrics import ORIGIN_BYTES, ORIGIN_REQUESTS
@@ -128,8 +133,18 @@ _parallel = ThreadPoolExecutor(max_workers=32, thread_name_prefix="tiler-opener"
 
 
 def configure(gdal: Any, enabled: bool = True) -> None:
-    """Apply GDAL's settings (`tiler.settings.GdalSettings`) to the opener; ``enabled`` turns it on or off."""
-    CONFIG.enabled = enabled
+    """Apply GDAL's settings (`tiler.settings.GdalSettings`) to the opener; ``enabled`` turns it on or off.
+
+    It stays off, with a warning, when this rasterio lacks the private opener internals it
+    relies on (`SUPPORTED`): every file is then read through GDAL's /vsicurl/.
+    """
+    if enabled and not SUPPORTED:
+        logger.warning(
+            "rasterio %s lacks the opener internals tiler.opener needs: "
+            "files of known size are read through GDAL's /vsicurl/ (one HEAD more per cold file)",
+            rasterio.__version__,
+        )
+    CONFIG.enabled = enabled and SUPPORTED
     CONFIG.timeout = float(gdal.gdal_http_timeout) or 1e9  # 0: no timeout, as GDAL
     CONFIG.connect_timeout = float(gdal.gdal_http_connecttimeout) or CONFIG.timeout
     CONFIG.max_retry = int(gdal.gdal_http_max_retry)
@@ -236,7 +251,13 @@ def _share_registry() -> None:
             setattr(_vsiopener, name, _ProcessWide(name, var.get({})))
 
 
-_share_registry()
+#: rasterio has the private internals used here (rasterio 1.4's ``_vsiopener``); else the opener is off
+SUPPORTED = MultiByteRangeResourceContainer is not None and all(
+    hasattr(_vsiopener, name)
+    for name in ("_OPENER_REGISTRY", "_OPEN_FILE_EXIT_STACKS", "_opener_registration")
+)
+if SUPPORTED:
+    _share_registry()
 
 
 class KnownSizeOpener:
@@ -614,7 +635,8 @@ class _Router:
         return found.size(href)
 
 
-MultiByteRangeResourceContainer.register(_Router)
+if MultiByteRangeResourceContainer is not None:
+    MultiByteRangeResourceContainer.register(_Router)
 _ROUTER = _Router()
 
 
