@@ -90,6 +90,11 @@ def test_signer(href: str, refresh: bool = False) -> str:
     return SIGNER["cache"][href]
 
 
+def non_http_signer(href: str, refresh: bool = False) -> str:
+    """A broken signer hook: its signed href is not an HTTP(S) URL (and carries a signature)."""
+    return "ftp://storage.invalid/" + href.rsplit("/", 1)[-1] + "?sig=not-for-clients"
+
+
 def grid_tile(
     x: float, y: float, origin: tuple[float, float], cell: float, size: int = 256
 ) -> tuple[int, int]:
