@@ -5,12 +5,17 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import rasterio
 from PIL import Image
 from pyproj import Transformer
 from rasterio.enums import ColorInterp
+
+from tiler.auth import hash_api_key
+from tiler.settings import AuthSettings
 
 R = 6378137.0
 ORIGIN_SHIFT = math.pi * R
@@ -123,3 +128,28 @@ def copy_items(sample, directory, collection: str, mutate=None) -> list:
     (directory / "collection.json").write_text(json.dumps(coll))
     (directory / "items.ndjson").write_text("".join(json.dumps(i) + "\n" for i in items))
     return [directory / "collection.json", directory / "items.ndjson"]
+
+
+def write_auth(
+    directory: Path, policy: str, users: Iterable[tuple[str, str, str]], signing_keys: str
+) -> AuthSettings:
+    """Access control from files: ``policy.yaml`` and ``keys.yaml`` written under ``directory``.
+
+    ``users`` are ``(user, API key, group)``; each key gets the id ``<user>-1``. The files
+    and the revocation list are checked for changes on every request (``reload_interval=0``).
+    """
+    (directory / "policy.yaml").write_text(policy)
+    (directory / "keys.yaml").write_text(
+        "keys:\n"
+        + "".join(
+            f"  - id: {u}-1\n    sha256: {hash_api_key(k)}\n    user: {u}\n    groups: [{g}]\n"
+            for u, k, g in users
+        )
+    )
+    return AuthSettings(
+        enabled=True,
+        policy_file=str(directory / "policy.yaml"),
+        api_keys_file=str(directory / "keys.yaml"),
+        signing_keys=signing_keys,
+        reload_interval=0,
+    )
