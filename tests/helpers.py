@@ -81,6 +81,11 @@ def lonlat_of_item_centre(item: dict) -> tuple[float, float]:
     return (w + e) / 2, (s + n) / 2
 
 
+def item_centre_tile(item: dict, z: int) -> tuple[int, int]:
+    """XYZ tile at zoom ``z`` holding the centre of an item's footprint bbox."""
+    return mercator_tile(*lonlat_of_item_centre(item), z)
+
+
 # --------------------------------------------------------------------------- upstream signing (tests)
 
 #: State of the test signer: the signature the "archive" currently accepts, and the calls made.

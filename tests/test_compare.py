@@ -24,8 +24,8 @@ from conftest import make_settings
 from fastapi.testclient import TestClient
 from helpers import (
     expected_nearest,
+    item_centre_tile,
     lonlat_of_item_centre,
-    mercator_tile,
     mercator_tile_centres,
     read_png,
     read_tif,
@@ -108,7 +108,7 @@ def pair_url(change, collection: str = CH) -> str:
 
 
 def centre(sample) -> tuple[int, int]:
-    return mercator_tile(*lonlat_of_item_centre(sample.item(0)), Z)
+    return item_centre_tile(sample.item(0), Z)
 
 
 def rio_tiler_ndvi(path, x: int, y: int, z: int) -> np.ma.MaskedArray:
