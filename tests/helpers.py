@@ -5,12 +5,17 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import rasterio
 from PIL import Image
 from pyproj import Transformer
 from rasterio.enums import ColorInterp
+
+from tiler.auth import hash_api_key
+from tiler.settings import AuthSettings
 
 R = 6378137.0
 ORIGIN_SHIFT = math.pi * R
@@ -76,6 +81,11 @@ def lonlat_of_item_centre(item: dict) -> tuple[float, float]:
     return (w + e) / 2, (s + n) / 2
 
 
+def item_centre_tile(item: dict, z: int) -> tuple[int, int]:
+    """XYZ tile at zoom ``z`` holding the centre of an item's footprint bbox."""
+    return mercator_tile(*lonlat_of_item_centre(item), z)
+
+
 # --------------------------------------------------------------------------- upstream signing (tests)
 
 #: State of the test signer: the signature the "archive" currently accepts, and the calls made.
@@ -88,6 +98,11 @@ def test_signer(href: str, refresh: bool = False) -> str:
     if refresh or href not in SIGNER["cache"]:
         SIGNER["cache"][href] = f"{href}?sig={SIGNER['current']}"
     return SIGNER["cache"][href]
+
+
+def non_http_signer(href: str, refresh: bool = False) -> str:
+    """A broken signer hook: its signed href is not an HTTP(S) URL (and carries a signature)."""
+    return "ftp://storage.invalid/" + href.rsplit("/", 1)[-1] + "?sig=not-for-clients"
 
 
 def grid_tile(
@@ -118,3 +133,28 @@ def copy_items(sample, directory, collection: str, mutate=None) -> list:
     (directory / "collection.json").write_text(json.dumps(coll))
     (directory / "items.ndjson").write_text("".join(json.dumps(i) + "\n" for i in items))
     return [directory / "collection.json", directory / "items.ndjson"]
+
+
+def write_auth(
+    directory: Path, policy: str, users: Iterable[tuple[str, str, str]], signing_keys: str
+) -> AuthSettings:
+    """Access control from files: ``policy.yaml`` and ``keys.yaml`` written under ``directory``.
+
+    ``users`` are ``(user, API key, group)``; each key gets the id ``<user>-1``. The files
+    and the revocation list are checked for changes on every request (``reload_interval=0``).
+    """
+    (directory / "policy.yaml").write_text(policy)
+    (directory / "keys.yaml").write_text(
+        "keys:\n"
+        + "".join(
+            f"  - id: {u}-1\n    sha256: {hash_api_key(k)}\n    user: {u}\n    groups: [{g}]\n"
+            for u, k, g in users
+        )
+    )
+    return AuthSettings(
+        enabled=True,
+        policy_file=str(directory / "policy.yaml"),
+        api_keys_file=str(directory / "keys.yaml"),
+        signing_keys=signing_keys,
+        reload_interval=0,
+    )

@@ -24,21 +24,20 @@ from conftest import make_settings
 from fastapi.testclient import TestClient
 from helpers import (
     expected_nearest,
+    item_centre_tile,
     lonlat_of_item_centre,
-    mercator_tile,
     mercator_tile_centres,
     read_png,
     read_tif,
+    write_auth,
 )
 from rio_tiler.colormap import cmap as rio_cmap
 from rio_tiler.io import Reader
 from test_browser import CHROMIUM, needs_chromium
 
-from tiler.auth import hash_api_key
 from tiler.ingest import load
 from tiler.main import create_app
 from tiler.sample import MS_BANDS, header_size, write_cog
-from tiler.settings import AuthSettings
 
 CH = "spot67-change"  # the two dates
 LOCKED = "spot67-change-locked"  # the same two dates, in a collection team-a may not see
@@ -109,7 +108,7 @@ def pair_url(change, collection: str = CH) -> str:
 
 
 def centre(sample) -> tuple[int, int]:
-    return mercator_tile(*lonlat_of_item_centre(sample.item(0)), Z)
+    return item_centre_tile(sample.item(0), Z)
 
 
 def rio_tiler_ndvi(path, x: int, y: int, z: int) -> np.ma.MaskedArray:
@@ -298,20 +297,8 @@ def test_listings_and_comparisons_stay_out_of_single_date_presets(client, change
 
 @pytest.fixture(scope="module")
 def secured(dsn, change, tmp_path_factory):
-    d = tmp_path_factory.mktemp("compare-auth")
-    (d / "policy.yaml").write_text(POLICY)
-    (d / "keys.yaml").write_text(
-        "keys:\n"
-        f"  - {{id: ann-1, sha256: {hash_api_key(ANN_KEY)}, user: ann, groups: [team-a]}}\n"
-        f"  - {{id: root-1, sha256: {hash_api_key(ROOT_KEY)}, user: root, groups: [admins]}}\n"
-    )
-    auth = AuthSettings(
-        enabled=True,
-        policy_file=str(d / "policy.yaml"),
-        api_keys_file=str(d / "keys.yaml"),
-        signing_keys=SIGNING,
-        reload_interval=0,
-    )
+    users = [("ann", ANN_KEY, "team-a"), ("root", ROOT_KEY, "admins")]
+    auth = write_auth(tmp_path_factory.mktemp("compare-auth"), POLICY, users, SIGNING)
     with TestClient(create_app(make_settings(dsn, auth=auth))) as c:
         yield c
 

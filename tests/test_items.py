@@ -8,8 +8,8 @@ from pyproj import Transformer
 
 from tests.helpers import (
     expected_nearest,
+    item_centre_tile,
     lonlat_of_item_centre,
-    mercator_tile,
     mercator_tile_centres,
     read_png,
     read_tif,
@@ -33,8 +33,7 @@ def assert_pixels_match(got, got_valid, exp, exp_valid, min_match=0.97):
 
 @pytest.mark.parametrize("asset,z", [("ms", 15), ("pan", 17)])
 def test_item_tile_pixels_equal_source(client, sample, asset, z):
-    lon, lat = lonlat_of_item_centre(sample.item(0))
-    x, y = mercator_tile(lon, lat, z)
+    x, y = item_centre_tile(sample.item(0), z)
     r = client.get(f"{item_url(sample, 0)}/tiles/WebMercatorQuad/{z}/{x}/{y}.tif", params={"assets": asset})
     assert r.status_code == 200, r.text
     got, got_valid = read_tif(r.content)
@@ -45,9 +44,8 @@ def test_item_tile_pixels_equal_source(client, sample, asset, z):
 
 
 def test_item_tile_band_order_and_rescale(client, sample):
-    lon, lat = lonlat_of_item_centre(sample.item(1))
     z = 15
-    x, y = mercator_tile(lon, lat, z)
+    x, y = item_centre_tile(sample.item(1), z)
     r = client.get(
         f"{item_url(sample, 1)}/tiles/WebMercatorQuad/{z}/{x}/{y}.png",
         params={"assets": "ms|bidx=3,2,1", "rescale": "200,1800"},
@@ -68,9 +66,8 @@ def test_item_tile_band_order_and_rescale(client, sample):
 
 
 def test_item_tile_expression(client, sample):
-    lon, lat = lonlat_of_item_centre(sample.item(0))
     z = 15
-    x, y = mercator_tile(lon, lat, z)
+    x, y = item_centre_tile(sample.item(0), z)
     r = client.get(
         f"{item_url(sample, 0)}/tiles/WebMercatorQuad/{z}/{x}/{y}.tif",
         params={"assets": "ms", "expression": "(b4-b3)/(b4+b3)"},
@@ -162,9 +159,8 @@ def test_item_bbox_image(client, sample):
 
 
 def test_asset_endpoint_tile_and_unknown_asset(client, sample):
-    lon, lat = lonlat_of_item_centre(sample.item(0))
     z = 17
-    x, y = mercator_tile(lon, lat, z)
+    x, y = item_centre_tile(sample.item(0), z)
     r = client.get(f"{item_url(sample, 0)}/assets/pan/tiles/WebMercatorQuad/{z}/{x}/{y}.tif")
     assert r.status_code == 200, r.text
     got, got_valid = read_tif(r.content)

@@ -23,12 +23,12 @@ import rasterio
 from rasterio.windows import Window
 
 from tests.conftest import free_port, make_settings, serve_app
-from tests.helpers import copy_items
+from tests.helpers import copy_items, write_auth
 from tiler import signers
-from tiler.auth import PolicyError, hash_api_key
+from tiler.auth import PolicyError
 from tiler.ingest import load
 from tiler.main import create_app
-from tiler.settings import AuthSettings, UpstreamSettings
+from tiler.settings import UpstreamSettings
 from tiler.upstream import clear_http_cache, parse_credentials
 
 SECRET = "storage-shared-" + "x" * 24
@@ -119,29 +119,14 @@ def server(dsn, sample, storage, tmp_path_factory):
                 asset["href"] = f"{base_url}/cogs/" + asset["href"].rsplit("/", 1)[1]
 
     load(dsn, copy_items(sample, d, COLL, rehost), progress=False, stats=False)
-    (d / "policy.yaml").write_text(POLICY)
-    (d / "keys.yaml").write_text(
-        "keys:\n"
-        + "".join(
-            f"  - id: {u}-1\n    sha256: {hash_api_key(k)}\n    user: {u}\n    groups: [{g}]\n"
-            for u, k, g in (("alice", ALICE, "team-a"), ("carol", CAROL, "team-b"))
-        )
-    )
+    users = [("alice", ALICE, "team-a"), ("carol", CAROL, "team-b")]
+    auth = write_auth(d, POLICY, users, signing_keys="k1:" + "p" * 40)
     (d / "credentials.yaml").write_text(
         f"- prefix: {base_url}/cogs/\n  signer: tiler.signers:secure_link\n  stream: redirect\n"
     )
     os.environ["TILER_SECURE_LINK_SECRET"] = SECRET
     signers.secure_link_settings.cache_clear()
-    settings = make_settings(
-        dsn,
-        auth=AuthSettings(
-            enabled=True,
-            policy_file=str(d / "policy.yaml"),
-            api_keys_file=str(d / "keys.yaml"),
-            signing_keys="k1:" + "p" * 40,
-            reload_interval=0,
-        ),
-    )
+    settings = make_settings(dsn, auth=auth)
     settings.upstream = UpstreamSettings(credentials_file=str(d / "credentials.yaml"))
     try:
         with serve_app(create_app(settings)) as (base, _):

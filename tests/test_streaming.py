@@ -22,9 +22,10 @@ import rasterio
 from rasterio.windows import Window, from_bounds
 
 from tests.conftest import make_settings, serve_app
+from tests.helpers import write_auth
 from tests.test_auth import b_item  # noqa: F401 - collection B (restricted-b), a fixture
 from tests.test_clients import SYSTEM_PYTHON, _has_qgis
-from tiler.auth import _b64d, _b64e, hash_api_key, mint_url_token
+from tiler.auth import _b64d, _b64e, mint_url_token
 from tiler.main import create_app
 from tiler.settings import AuthSettings, StreamSettings
 from tiler.stream import RangeNotAccepted, check_range
@@ -49,39 +50,21 @@ anonymous: [public-meta]
 
 
 @pytest.fixture(scope="module")
-def auth_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("stream-auth")
-    (d / "policy.yaml").write_text(POLICY)
-    records = [("alice", ALICE, "team-a"), ("carol", CAROL, "team-b"), ("vic", VIC, "viewers")]
-    (d / "keys.yaml").write_text(
-        "keys:\n"
-        + "".join(
-            f"  - id: {u}-1\n    sha256: {hash_api_key(k)}\n    user: {u}\n    groups: [{g}]\n"
-            for u, k, g in records
-        )
-    )
-    return d
+def auth(tmp_path_factory) -> AuthSettings:
+    users = [("alice", ALICE, "team-a"), ("carol", CAROL, "team-b"), ("vic", VIC, "viewers")]
+    return write_auth(tmp_path_factory.mktemp("stream-auth"), POLICY, users, SIGNING)
 
 
-def _settings(dsn, auth_dir, **stream):
-    s = make_settings(
-        dsn,
-        auth=AuthSettings(
-            enabled=True,
-            policy_file=str(auth_dir / "policy.yaml"),
-            api_keys_file=str(auth_dir / "keys.yaml"),
-            signing_keys=SIGNING,
-            reload_interval=0,
-        ),
-    )
+def _settings(dsn, auth, **stream):
+    s = make_settings(dsn, auth=auth)
     if stream:
         s.stream = StreamSettings(**stream)
     return s
 
 
 @pytest.fixture(scope="module")
-def server(dsn, auth_dir, b_item):  # noqa: F811
-    with serve_app(create_app(_settings(dsn, auth_dir))) as (base, _):
+def server(dsn, auth, b_item):  # noqa: F811
+    with serve_app(create_app(_settings(dsn, auth))) as (base, _):
         yield base
 
 
@@ -482,8 +465,8 @@ def big_item(dsn, sample, cog_server, tmp_path_factory):
     return sample.item(0)["id"]
 
 
-def test_streams_per_user_are_capped_and_counted(dsn, auth_dir, sample, b_item, big_item):  # noqa: F811
-    app = create_app(_settings(dsn, auth_dir, max_per_user=1))
+def test_streams_per_user_are_capped_and_counted(dsn, auth, sample, b_item, big_item):  # noqa: F811
+    app = create_app(_settings(dsn, auth, max_per_user=1))
     with serve_app(app) as (base, _):
         href = f"{base}/stream/collections/faulty-big/items/{big_item}/assets/pan/{big_item}_pan.bin"
         before = app.state.stream_limiter.open_streams()
@@ -537,8 +520,8 @@ def test_storage_faults_are_clean_and_name_no_url(server, sample, cog_server, ds
     assert httpx.get(asset_href(server, item), headers={"Range": "bytes=0-15"}).status_code == 206
 
 
-def test_stream_outlives_the_request_deadline(dsn, auth_dir, sample, b_item):  # noqa: F811
-    s = _settings(dsn, auth_dir)
+def test_stream_outlives_the_request_deadline(dsn, auth, sample, b_item):  # noqa: F811
+    s = _settings(dsn, auth)
     s.api.request_timeout = 1.0
     s.gdal.gdal_http_timeout = 1
     s.gdal.gdal_http_max_retry = 0

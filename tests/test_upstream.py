@@ -263,3 +263,35 @@ def test_stream_without_the_credential_is_a_clean_502(dsn, c_items):
         )
     assert r.status_code == 502 and r.headers["content-type"] == "application/json"
     assert "401" in r.json()["detail"] and "127.0.0.1" not in r.text
+
+
+def test_stream_signer_without_an_http_url_is_a_clean_502(dsn, c_items, archive, tmp_path, caplog):
+    """Proxy and redirect alike: a signed href that is not HTTP(S) is a 502 naming the asset, never the URL."""
+    caplog.set_level(logging.DEBUG)
+    creds = tmp_path / "credentials.yaml"
+    creds.write_text(
+        yaml.safe_dump(
+            [
+                {"prefix": f"{archive.url}/signed/", "signer": "tests.helpers:non_http_signer"},
+                {
+                    "prefix": f"{archive.url}/protected/",
+                    "signer": "tests.helpers:non_http_signer",
+                    "stream": "redirect",
+                },
+            ]
+        )
+    )
+    settings = make_settings(dsn)
+    settings.upstream = UpstreamSettings(credentials_file=str(creds))
+    with TestClient(create_app(settings)) as c:
+        for area in ("signed", "protected"):  # proxy, redirect
+            r = c.get(
+                f"/stream/collections/{C}/items/C-{area}/assets/ms/C-{area}_ms.tif",
+                headers={"Range": "bytes=0-9"},
+                follow_redirects=False,
+            )
+            assert r.status_code == 502, (area, r.text)
+            assert r.json()["detail"] == f"The signer of asset C-{area}/ms did not give an HTTP URL."
+            assert "location" not in r.headers and "storage.invalid" not in r.text + str(r.headers)
+    logged = "\n".join(caplog.handler.format(rec) for rec in caplog.records)
+    assert "sig=not-for-clients" not in logged and "storage.invalid" not in logged

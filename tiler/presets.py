@@ -204,14 +204,13 @@ class Preset:
             raise InvalidPreset(f"preset {name!r}: needs `bands`, `assets` or `expression`")
         if values.get("pansharpen") is not None and not bands:
             raise InvalidPreset(f"preset {name!r}: `pansharpen` needs `bands`")
-        rescale = values.get("rescale")
+        bad = f"preset {name!r}: bad `rescale` or `minmax_zoom`"
+        styling = _styling(values, bad)
         try:
-            rescale_t = tuple((float(lo), float(hi)) for lo, hi in rescale) if rescale else None
             zooms = values.get("minmax_zoom")
             zooms_t = (int(zooms[0]), int(zooms[1])) if zooms else None
         except (TypeError, ValueError):
-            raise InvalidPreset(f"preset {name!r}: bad `rescale` or `minmax_zoom`") from None
-        cmap = values.get("colormap")
+            raise InvalidPreset(bad) from None
         return cls(
             name=name,
             title=str(values.get("title") or name),
@@ -220,9 +219,7 @@ class Preset:
             bands=tuple(bands) if bands else None,
             expression=expression,
             assets=tuple(assets) if assets and not bands else None,
-            rescale=rescale_t,
-            colormap_name=values.get("colormap_name"),
-            colormap=json.dumps(cmap) if isinstance(cmap, dict | list) else cmap,
+            **styling,
             color_formula=values.get("color_formula"),
             resampling=values.get("resampling"),
             minmax_zoom=zooms_t,
@@ -240,23 +237,12 @@ class Preset:
             )
         if not isinstance(values.get("of"), str) or not values["of"]:
             raise InvalidPreset(f"comparison preset {name!r}: `of` must name the preset compared")
-        try:
-            rescale = (
-                tuple((float(lo), float(hi)) for lo, hi in values["rescale"])
-                if values.get("rescale")
-                else None
-            )
-        except (TypeError, ValueError):
-            raise InvalidPreset(f"comparison preset {name!r}: bad `rescale`") from None
-        cmap = values.get("colormap")
         return cls(
             name=name,
             title=str(values.get("title") or name),
             source=source,
             description=values.get("description"),
-            rescale=rescale,
-            colormap_name=values.get("colormap_name"),
-            colormap=json.dumps(cmap) if isinstance(cmap, dict | list) else cmap,
+            **_styling(values, f"comparison preset {name!r}: bad `rescale`"),
             kind=values["kind"],
             of=values["of"],
         )
@@ -340,6 +326,25 @@ class Preset:
         if self.pansharpen is not None:
             out["pansharpen"] = {"method": "weighted-brovey", **dict(self.pansharpen)}
         return out
+
+
+def _styling(values: Mapping[str, Any], bad: str) -> dict[str, Any]:
+    """The ``rescale``, ``colormap_name`` and ``colormap`` fields of a preset entry.
+
+    ``rescale`` becomes float pairs and a ``colormap`` object its JSON text; a malformed
+    ``rescale`` raises `InvalidPreset` with the message ``bad``.
+    """
+    rescale = values.get("rescale")
+    try:
+        rescale_t = tuple((float(lo), float(hi)) for lo, hi in rescale) if rescale else None
+    except (TypeError, ValueError):
+        raise InvalidPreset(bad) from None
+    cmap = values.get("colormap")
+    return {
+        "rescale": rescale_t,
+        "colormap_name": values.get("colormap_name"),
+        "colormap": json.dumps(cmap) if isinstance(cmap, dict | list) else cmap,
+    }
 
 
 def _two_dates(name: str) -> str:

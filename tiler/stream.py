@@ -203,12 +203,21 @@ class UpstreamClient:
             await self._client.aclose()
             self._client = None
 
-    async def sign(self, href: str, refresh: bool = False) -> str:
-        """``href`` as the storage wants it: signed by its prefix's signer, if any."""
+    async def sign(self, href: str, label: str, refresh: bool = False) -> str:
+        """``href`` as the storage wants it: signed by its prefix's signer, if any.
+
+        Raises:
+            UpstreamFailed: the signer gave no HTTP(S) URL (the message names the asset
+                ``label``, never the signed URL).
+
+        """
         signer = signer_for(href)
         if signer is None:
             return href
-        return await run_in_threadpool(lambda: signer(href, refresh=refresh))
+        url = await run_in_threadpool(lambda: signer(href, refresh=refresh))
+        if not url.startswith(("http://", "https://")):
+            raise UpstreamFailed(f"The signer of asset {label} did not give an HTTP URL.")
+        return url
 
     async def open(self, href: str, headers: dict[str, str], label: str) -> httpx.Response:
         """Send the GET and return the storage's answer with its body not read yet.
@@ -220,9 +229,7 @@ class UpstreamClient:
             raise UpstreamFailed(
                 f"Asset {label} is not on an HTTP storage and no signer makes it one; it cannot be streamed."
             )
-        url = await self.sign(href, refresh=False)
-        if not url.startswith(("http://", "https://")):
-            raise UpstreamFailed(f"The signer of asset {label} did not give an HTTP URL.")
+        url = await self.sign(href, label)
         # identity: the bytes relayed are the file's, whatever the storage could compress
         send_headers = {**headers, "accept-encoding": "identity", **headers_for(href)}
         resigned = retried = False
@@ -252,7 +259,7 @@ class UpstreamClient:
             if code in (401, 403) and not resigned and signer_for(href) is not None:
                 resigned = True
                 logger.info("storage refused a signed href while streaming; signing it again")
-                url = await self.sign(href, refresh=True)
+                url = await self.sign(href, label, refresh=True)
                 continue
             if (code >= 500 or code == 429) and not retried:
                 retried = True
@@ -357,12 +364,11 @@ def stream_router(settings: StreamSettings) -> APIRouter:
             # one file per asset: GDAL probes siblings (`.ovr`, `.aux.xml`, `.msk`) by name, and
             # must not find the same TIFF under each of them
             raise HTTPException(404, f"Asset {item_id}/{asset_id} has one file, named {expected!r}")
+        label = f"{item_id}/{asset_id}"
         if redirects(href):
             # a presigning storage: the client reads the file from it, with a URL valid for
             # minutes (GDAL reuses it for every range until it expires, then asks here again)
-            url = await upstream_client.sign(href)
-            if not url.startswith(("http://", "https://")):
-                raise UpstreamFailed(f"The signer of asset {item_id}/{asset_id} did not give an HTTP URL.")
+            url = await upstream_client.sign(href, label)
             metrics.STREAM_REDIRECTS.labels(collection_id).inc()
             return Response(
                 status_code=307,
@@ -377,7 +383,6 @@ def stream_router(settings: StreamSettings) -> APIRouter:
                 429, f"Too many streams open for {what}; retry shortly.", headers={"Retry-After": "1"}
             )
         slot = _Slot(limiter, who)
-        label = f"{item_id}/{asset_id}"
         head = request.method == "HEAD"
         send = {k: request.headers[k] for k in _FORWARDED if k in request.headers}
         if head:
