@@ -113,6 +113,26 @@ def everything(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def production_with_jobs(tmp_path: Path) -> Path:
+    """The production overlay with its commented export-jobs lines uncommented (as docs/exports.md says)."""
+    text = (PRODUCTION / "kustomization.yaml").read_text()
+    text, n = re.subn(
+        r"^(\s*)# (- (?:\.\./\.\./components/export-jobs|path: worker-upstream\.yaml))",
+        r"\1\2",
+        text,
+        flags=re.M,
+    )
+    assert n == 2, "the overlay no longer has the two commented export-jobs lines"
+    doc = yaml.safe_load(text)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for key in ("resources", "components"):
+        doc[key] = [os.path.relpath(PRODUCTION / p, tmp_path) for p in doc[key]]
+    for patch in doc["patches"]:
+        shutil.copy(PRODUCTION / patch["path"], tmp_path / patch["path"])
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(doc))
+    return tmp_path
+
+
 def container(resources, deployment: str, name: str) -> dict:
     spec = by_key(resources)[("Deployment", deployment)]["spec"]["template"]["spec"]
     return next(c for c in spec["containers"] if c["name"] == name)
@@ -131,7 +151,7 @@ def test_render_matches_kubectl_kustomize(tmp_path):
     exe = shutil.which("kubectl") or shutil.which("kustomize")
     if exe is None:
         pytest.skip("kubectl/kustomize not installed: the in-test renderer alone is used")
-    for directory in (K8S / "base", PRODUCTION, everything(tmp_path)):
+    for directory in (K8S / "base", PRODUCTION, everything(tmp_path), production_with_jobs(tmp_path / "pj")):
         cmd = (
             [exe, "kustomize", str(directory)] if exe.endswith("kubectl") else [exe, "build", str(directory)]
         )
@@ -164,6 +184,7 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
         "base": render(K8S / "base"),
         "production": render(PRODUCTION),
         "everything": render(everything(tmp_path_factory.mktemp("k8s"))),
+        "production+jobs": render(production_with_jobs(tmp_path_factory.mktemp("k8s-jobs"))),
     }
 
 
@@ -336,8 +357,18 @@ def tiler_connections(resources: list[dict]) -> int:
     return (db_conn + stac_conn) * workers * pods
 
 
+def worker_connections(resources: list[dict]) -> int:
+    """Export workers: 1 connection per running job (tiler.jobs.run_export), 1 job per pod, + surge."""
+    dep = by_key(resources).get(("Deployment", "dinamis-tiler-worker"))
+    if dep is None:
+        return 0
+    surge = dep["spec"].get("strategy", {}).get("rollingUpdate", {}).get("maxSurge", 0)
+    assert isinstance(surge, int)
+    return dep["spec"]["replicas"] + surge
+
+
 def budget_problems(resources: list[dict]) -> list[str]:
-    """What does not fit: the tiler's role limit, then the server's max_connections."""
+    """What does not fit: the tiler's role limit (its pods and the export workers), then max_connections."""
     res = by_key(resources)
     cluster = res[("Cluster", "pgstac")]["spec"]
     secret = next(
@@ -347,7 +378,7 @@ def budget_problems(resources: list[dict]) -> list[str]:
     )["valueFrom"]["secretKeyRef"]["name"]
     roles = cluster["managed"]["roles"]
     tiler_role = next(r for r in roles if r["passwordSecret"]["name"] == secret)
-    tiler = tiler_connections(resources)
+    tiler = tiler_connections(resources) + worker_connections(resources)  # the workers use the tiler's role
     # any other login role may use its whole connectionLimit
     others = sum(r.get("connectionLimit", 10**6) for r in roles if r is not tiler_role and r.get("login"))
     max_connections = int(cluster["postgresql"]["parameters"]["max_connections"])
@@ -361,7 +392,7 @@ def budget_problems(resources: list[dict]) -> list[str]:
 
 def test_connection_budget(rendered):
     """Both pools of every tiler worker, at maxReplicas + surge, fit the role's and the server's limits."""
-    for name in ("production", "everything"):
+    for name in ("production", "everything", "production+jobs"):
         assert budget_problems(rendered[name]) == [], name
     # production: (8 + 4) x 2 workers x (10 + 1 surge) pods
     assert tiler_connections(rendered["production"]) == (8 + 4) * 2 * 11
@@ -399,7 +430,12 @@ def test_the_tiler_is_the_only_http_api(rendered):
         assert not OLD_STAC_API.search(yaml.safe_dump(resources)), name
         workloads = {k: r for k, r in res.items() if k[0] in ("Deployment", "StatefulSet", "DaemonSet")}
         assert ("Deployment", "dinamis-tiler") in workloads
-        assert set(workloads) <= {("Deployment", "dinamis-tiler"), ("Deployment", "dinamis-redis")}, name
+        assert set(workloads) <= {
+            ("Deployment", "dinamis-tiler"),
+            ("Deployment", "dinamis-redis"),
+            ("Deployment", "dinamis-tiler-worker"),
+            ("Deployment", "dinamis-jobs-redis"),
+        }, name
         pods = [r["spec"]["template"]["metadata"]["labels"] for r in workloads.values()]
         pods += [r["spec"]["template"]["metadata"]["labels"] for k, r in res.items() if k[0] == "Job"]
 
@@ -573,12 +609,16 @@ def test_every_env_var_is_read_by_the_settings(rendered):
     known |= image_vars
     for name, resources in rendered.items():
         res = by_key(resources)
-        c = container(resources, "dinamis-tiler", "tiler")
-        names = {e["name"] for e in c["env"]}
-        for src in c["envFrom"]:
-            names |= set(res[("ConfigMap", src["configMapRef"]["name"])]["data"])
-        unknown = names - known
-        assert not unknown, f"{name}: variables no setting reads: {sorted(unknown)}"
+        pods = [("dinamis-tiler", "tiler"), ("dinamis-tiler-worker", "worker")]
+        for deployment, ctr in pods:
+            if ("Deployment", deployment) not in res:
+                continue
+            c = container(resources, deployment, ctr)
+            names = {e["name"] for e in c.get("env", [])}
+            for src in c["envFrom"]:
+                names |= set(res[("ConfigMap", src["configMapRef"]["name"])]["data"])
+            unknown = names - known
+            assert not unknown, f"{name} {deployment}: variables no setting reads: {sorted(unknown)}"
     services = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]
     for name in ("tiler", "worker"):
         unknown = set(services[name]["environment"]) - known
@@ -760,3 +800,118 @@ def test_redis_component_points_the_tile_cache_at_it(rendered):
     assert parts.port in {p["port"] for rule in egress for p in rule["ports"]}
     args = container(rendered["everything"], "dinamis-redis", "redis")["args"]
     assert args[args.index("--maxmemory-policy") + 1] == "allkeys-lru"
+
+
+EXPORT_JOBS = K8S / "components" / "export-jobs"
+
+
+def test_export_jobs_component_files():
+    """Every file the component names exists and parses; it only adds, patches what base has."""
+    doc = yaml.safe_load((EXPORT_JOBS / "kustomization.yaml").read_text())
+    assert doc["kind"] == "Component"
+    named = [*doc["resources"], *(p["path"] for p in doc["patches"])]
+    assert sorted(named) == sorted(
+        p.name for p in EXPORT_JOBS.glob("*.yaml") if p.name != "kustomization.yaml"
+    )
+    base = {(r["kind"], r["metadata"]["name"]) for r in render(K8S / "base")}
+    for patch in doc["patches"]:
+        for d in yaml.safe_load_all((EXPORT_JOBS / patch["path"]).read_text()):
+            assert (d["kind"], d["metadata"]["name"]) in base, (patch, d["metadata"]["name"])
+
+
+def test_export_jobs_component_wiring(rendered):
+    """Workers run `tiler worker` on the tiler's image and config; queue, results volume and env agree."""
+    from urllib.parse import urlsplit
+
+    from tiler.settings import JobSettings
+
+    assert "TILER_JOBS_REDIS_URL" not in by_key(rendered["base"])[("ConfigMap", "dinamis-tiler-env")]["data"]
+    assert ("Deployment", "dinamis-tiler-worker") not in by_key(rendered["production"])
+    for name in ("everything", "production+jobs"):
+        resources = rendered[name]
+        res = by_key(resources)
+        env = res[("ConfigMap", "dinamis-tiler-env")]["data"]
+        jobs = area(JobSettings, "TILER_JOBS_", env)
+        assert jobs.enabled and jobs.results_dir is not None
+        tiler, worker = (
+            container(resources, "dinamis-tiler", "tiler"),
+            container(resources, "dinamis-tiler-worker", "worker"),
+        )
+        assert worker["image"] == tiler["image"]
+        assert worker["command"] == ["tiler", "worker"]
+        assert "ports" not in worker and "args" not in worker
+        assert worker["envFrom"] == tiler["envFrom"]
+        tiler_env = {e["name"]: e for e in tiler["env"]}
+        for e in worker["env"]:  # the database role of the tiler, nothing the worker does not use
+            assert e["name"] in {"PGUSER", "PGPASSWORD"} and e == tiler_env[e["name"]], e["name"]
+        # the results directory: the same RWX claim, at TILER_JOBS_RESULTS_DIR, writable, in both pods
+        pvc = res[("PersistentVolumeClaim", "dinamis-tiler-exports")]
+        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+        for deployment, c in (("dinamis-tiler", tiler), ("dinamis-tiler-worker", worker)):
+            pod = res[("Deployment", deployment)]["spec"]["template"]["spec"]
+            mount = next(m for m in c["volumeMounts"] if m["mountPath"] == str(jobs.results_dir))
+            assert not mount.get("readOnly")
+            vol = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+            assert vol["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"], deployment
+            assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+            # every file the settings name is mounted (policy; upstream credentials in production)
+            mounted = {m["mountPath"] for m in c["volumeMounts"]}
+            for var in ("TILER_AUTH_POLICY_FILE", "TILER_UPSTREAM_CREDENTIALS_FILE"):
+                if var in env:
+                    assert str(Path(env[var]).parent) in mounted, (name, deployment, var)
+        # a stopped worker finishes its job (rq's warm shutdown on SIGTERM) before kubelet kills it
+        pod = res[("Deployment", "dinamis-tiler-worker")]["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] >= jobs.job_timeout + 30
+        # the queue: its own Redis, which never evicts (rq keeps jobs and their records in it)
+        parts = urlsplit(jobs.redis_url.get_secret_value())
+        service = res[("Service", parts.hostname)]
+        assert parts.port in {p["port"] for p in service["spec"]["ports"]}
+        redis_labels = res[("Deployment", parts.hostname)]["spec"]["template"]["metadata"]["labels"]
+        args = container(resources, parts.hostname, "redis")["args"]
+        assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+        # network: the tiler and the workers reach the queue, DNS, the database and the storage
+        for labels in (
+            res[("Deployment", d)]["spec"]["template"]["metadata"]["labels"]
+            for d in ("dinamis-tiler", "dinamis-tiler-worker")
+        ):
+            allowed = set()
+            for r in resources:
+                sel = (
+                    r["spec"].get("podSelector", {}).get("matchLabels", {})
+                    if r["kind"] == "NetworkPolicy"
+                    else None
+                )
+                if sel is not None and all(labels.get(k) == v for k, v in sel.items()):
+                    for rule in r["spec"].get("egress", []):
+                        allowed |= {p["port"] for p in rule["ports"]}
+            assert {53, 5432, 443, parts.port} <= allowed, (name, labels)
+            ingress = res[("NetworkPolicy", "dinamis-jobs-redis-ingress")]["spec"]
+            assert all(redis_labels.get(k) == v for k, v in ingress["podSelector"]["matchLabels"].items())
+            peers = [p["podSelector"]["matchLabels"] for rule in ingress["ingress"] for p in rule["from"]]
+            assert any(all(labels.get(k) == v for k, v in peer.items()) for peer in peers), labels
+        # the workers are not behind the tiler's Service, PDB or HPA
+        worker_labels = res[("Deployment", "dinamis-tiler-worker")]["spec"]["template"]["metadata"]["labels"]
+        for key in (("Service", "dinamis-tiler"), ("PodDisruptionBudget", "dinamis-tiler")):
+            sel = res[key]["spec"]["selector"]
+            sel = sel.get("matchLabels", sel)
+            assert not all(worker_labels.get(k) == v for k, v in sel.items()), key
+
+
+def test_export_worker_memory(rendered):
+    """The arithmetic in worker-deployment.yaml, from the ConfigMap and tiler.export's strip size."""
+    from tiler.export import BLOCK, STRIP_PIXELS
+    from tiler.settings import GdalSettings, JobSettings
+
+    res = rendered["production+jobs"]
+    env = by_key(res)[("ConfigMap", "dinamis-tiler-env")]["data"]
+    gdal, jobs = area(GdalSettings, "TILER_GDAL_", env), area(JobSettings, "TILER_JOBS_", env)
+    mb = 2**20
+    per_pixel = 160  # bytes per output pixel of a pansharpened strip (float64 working arrays), measured
+    fixed = (
+        gdal.gdal_cachemax * mb + int(gdal.cpl_vsil_curl_cache_size) + int(gdal.vsi_cache_size) * 4 + 210 * mb
+    )
+    typical = fixed + STRIP_PIXELS * per_pixel
+    widest = fixed + max(STRIP_PIXELS, BLOCK * jobs.max_size) * per_pixel
+    r = container(res, "dinamis-tiler-worker", "worker")["resources"]
+    assert typical <= quantity(r["requests"]["memory"]) <= 1.5 * typical
+    assert quantity(r["limits"]["memory"]) >= 1.2 * widest

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from rasterio.io import MemoryFile
 
 from tests.conftest import make_settings
 from tests.helpers import SIGNER, lonlat_of_item_centre, mercator_tile, read_png
@@ -145,6 +146,16 @@ def test_header_credential_is_sent_to_its_prefix_only(upstream_client, client, s
     ):
         r = c.get(path)
         assert r.status_code < 500 and SECRET not in r.text, path
+    # an AOI export reads through the credential: the open copy's pixels, no secret in the file
+    lon, lat = lonlat_of_item_centre(sample.item(0))
+    bbox = {"bbox": f"{lon - 0.002},{lat - 0.002},{lon + 0.002},{lat + 0.002}", "asset": "ms"}
+    r = c.get(f"/collections/{C}/items/C-protected/export.tif", params=bbox)
+    ref = client.get(f"/collections/spot67-demo/items/{sample.item(0)['id']}/export.tif", params=bbox)
+    assert r.status_code == ref.status_code == 200, r.text
+    assert SECRET.encode() not in r.content and SECRET not in str(r.headers)
+    with MemoryFile(r.content) as mine, MemoryFile(ref.content) as theirs:
+        with mine.open() as a, theirs.open() as b:
+            assert a.transform == b.transform and np.array_equal(a.read(), b.read())
     assert all(SECRET not in rec.getMessage() for rec in caplog.records)
 
 
