@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
-from collections.abc import Iterable
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +164,70 @@ def write_auth(
         signing_keys=signing_keys,
         reload_interval=0,
     )
+
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+
+
+@contextlib.contextmanager
+def run_nginx(directory: Path, www: Path, server: str = "", http: str = "") -> Iterator[tuple[str, Path]]:
+    """A real nginx on 127.0.0.1 serving ``www`` (its root): yields (base URL, access log).
+
+    ``server`` goes into its one server block (locations), ``http`` into the http block. The
+    access log has one line per request: ``METHOD URI "Range" STATUS``.
+    """
+    assert NGINX is not None, "nginx is not installed"
+    (directory / "tmp").mkdir(exist_ok=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = directory / "access.log"
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    temp = "".join(
+        f"  {kind}_temp_path {directory / 'tmp'};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    (directory / "nginx.conf").write_text(
+        f"""{user}worker_processes 1;
+daemon off;
+pid {directory / "nginx.pid"};
+error_log {directory / "error.log"} warn;
+events {{ worker_connections 256; }}
+http {{
+  types {{ image/tiff tif; }}
+  default_type application/octet-stream;
+{temp}  log_format ranges '$request_method $uri "$http_range" $status';
+{http}
+  server {{
+    listen 127.0.0.1:{port};
+    root {www};
+    access_log {log} ranges;
+{server}
+  }}
+}}
+"""
+    )
+    proc = subprocess.Popen(
+        [
+            NGINX,
+            "-e",
+            str(directory / "error.log"),
+            "-c",
+            str(directory / "nginx.conf"),
+            "-p",
+            str(directory),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for _ in range(200):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("nginx did not start: " + (directory / "error.log").read_text())
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        proc.terminate()
+        proc.wait(10)

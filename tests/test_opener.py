@@ -8,6 +8,7 @@ with GDAL's /vsicurl/ (the opener turned off): same pixels, fewer requests.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,14 @@ from prometheus_client import REGISTRY
 
 from tests.conftest import make_settings
 from tests.helpers import (
+    NGINX,
     copy_items,
     expected_nearest,
     lonlat_of_item_centre,
     mercator_tile,
     mercator_tile_centres,
     read_tif,
+    run_nginx,
 )
 from tiler import opener
 from tiler.ingest import load
@@ -43,9 +46,12 @@ class Logged(RangeRequestHandler):
     """Records (method, file name, Range) of every request."""
 
     def _serve(self, body: bool) -> None:
+        self._record()
+        super()._serve(body)
+
+    def _record(self) -> None:
         with self.server.lock:  # type: ignore[attr-defined]
             self.server.log.append((self.command, self.path.rsplit("/", 1)[-1], self.headers.get("Range")))  # type: ignore[attr-defined]
-        super()._serve(body)
 
 
 @pytest.fixture(scope="module")
@@ -207,19 +213,43 @@ def _cases(sample) -> dict[str, tuple[str, dict]]:
     lon1, lat1 = lonlat_of_item_centre(sample.item(1))
     xm, ym = mercator_tile((lon0 + lon1) / 2, (lat0 + lat1) / 2, 14)
     item = _item(sample, 0)
+    xb, yb = _tile_over_two_block_rows(sample)
     return {
         "item MS z15": (f"{item}/tiles/WebMercatorQuad/15/{x15}/{y15}.tif", {"assets": "ms"}),
         "item pan z17": (f"{item}/tiles/WebMercatorQuad/17/{x17}/{y17}.tif", {"assets": "pan"}),
         "mosaic MS z14": (f"/collections/{C}/tiles/WebMercatorQuad/14/{xm}/{ym}.tif", {"assets": "ms"}),
         "low zoom item MS z10": (f"{item}/tiles/WebMercatorQuad/10/{x10}/{y10}.tif", {"assets": "ms"}),
         "pansharpened z17": (f"{item}/tiles/WebMercatorQuad/17/{x17}/{y17}.tif", {"preset": "pansharpened"}),
+        "pan z17 over two block rows": (f"{item}/tiles/WebMercatorQuad/17/{xb}/{yb}.tif", {"assets": "pan"}),
     }
 
 
+def _byte_set(log: list, sizes: dict[str, int]) -> set[tuple[str, int]]:
+    """The (file, 16 KiB chunk) pairs the logged GETs transferred."""
+    out = set()
+    for _, f, rng in log:
+        for spec in (rng or f"bytes=0-{sizes[f] - 1}").removeprefix("bytes=").split(","):
+            a, b = (int(v) for v in spec.split("-"))
+            out |= {(f, c) for c in range(a // opener.CHUNK, b // opener.CHUNK + 1)}
+    return out
+
+
+@pytest.mark.parametrize("multirange", [True, False], ids=["multirange", "one-GET-per-run"])
 @pytest.mark.parametrize(
-    "case", ["item MS z15", "item pan z17", "mosaic MS z14", "low zoom item MS z10", "pansharpened z17"]
+    "case",
+    [
+        "item MS z15",
+        "item pan z17",
+        "mosaic MS z14",
+        "low zoom item MS z10",
+        "pansharpened z17",
+        "pan z17 over two block rows",
+    ],
 )
-def test_same_pixels_as_vsicurl_with_fewer_requests(app_client, origin, sample, vsicurl, case):
+def test_same_pixels_as_vsicurl_with_fewer_requests(
+    app_client, origin, sample, vsicurl, monkeypatch, case, multirange
+):
+    monkeypatch.setattr(opener.CONFIG, "multirange", multirange)
     url, params = _cases(sample)[case]
     r, log = _cold(app_client, origin, url, params)
     vsicurl()
@@ -229,10 +259,16 @@ def test_same_pixels_as_vsicurl_with_fewer_requests(app_client, origin, sample, 
     assert valid.any()
     assert np.array_equal(valid, valid2) and np.array_equal(data, data2), case
     files = {f for _, f, _ in log2}
-    print(f"\n{case}: opener {len(log)} requests, /vsicurl/ {len(log2)} ({len(files)} files)")
+    print(f"\n{case}: opener {len(log)} requests, /vsicurl/ {len(log2)} ({len(files)} files): {log}")
     assert not [e for e in log if e[0] != "GET"], log
-    assert len(log) == len(log2) - len(files), (log, log2)  # one HEAD less per file, the GETs the same
-    assert sorted(e for e in log2 if e[0] == "GET") == sorted(log)
+    # the same 16 KiB chunks of the same files (GDAL's multi-range GETs are not chunk-aligned)
+    sizes = {Path(p).name: Path(p).stat().st_size for p in sample.directory.iterdir()}
+    assert _byte_set(log, sizes) == _byte_set([e for e in log2 if e[0] == "GET"], sizes)
+    if not multirange:
+        assert len(log) == len(log2) - len(files), (log, log2)  # one HEAD less per file, the GETs as many
+    else:  # the origin serves multi-range GETs: the header, then all of a tile's blocks in one GET per file
+        assert all(sum(f == g for _, g, _ in log) <= 2 for f in files), log
+        assert len(log) <= len(log2) - len(files)
 
 
 def _tiles_inside(item: dict, z: int) -> list[tuple[int, int]]:
@@ -274,8 +310,9 @@ def test_warm_tiles_make_no_more_requests_than_vsicurl(app_client, origin, sampl
     assert runs["opener"][1] == runs["opener"][3] == 0  # the second pass reads from the caches
 
 
-def test_multi_range_reads_merge_touching_ranges_only(origin, sample):
+def test_multi_range_reads_merge_touching_ranges_only(origin, sample, monkeypatch):
     """Touching ranges are one GET, a gap is never fetched; bytes are the file's."""
+    monkeypatch.setattr(opener.CONFIG, "multirange", False)
     path = sample.path(0, "pan")
     body = path.read_bytes()
     href = f"{origin.url}/{path.name}"
@@ -298,6 +335,142 @@ def test_multi_range_reads_merge_touching_ranges_only(origin, sample):
     assert f.get_byte_ranges(offsets, sizes) == got and origin.log == []  # cached
     f.seek(a + 100)
     assert f.read(50) == body[a + 100 : a + 150] and origin.log == []
+
+    # the same read, cold, from an origin that serves multi-range GETs: one GET with both runs
+    monkeypatch.setattr(opener.CONFIG, "multirange", True)
+    clear_http_cache(origin.url)
+    f = opener.KnownSizeOpener(href, len(body), 1000).open(href)
+    origin.log.clear()
+    assert f.get_byte_ranges(offsets, sizes) == got
+    assert len(origin.log) == 1, origin.log
+    chunk = opener.CHUNK
+    assert origin.log[0][2] == (
+        f"bytes={a // chunk * chunk}-{(a + 34_999) // chunk * chunk + chunk - 1},"
+        f"{far // chunk * chunk}-{(far + 9_999) // chunk * chunk + chunk - 1}"
+    )
+    assert origin.url not in opener.NO_MULTIRANGE
+
+
+class FirstRangeOnly(Logged):
+    """A storage that answers a multi-range GET with its first range only (a single 206)."""
+
+    def _serve(self, body: bool) -> None:
+        self._record()
+        rng = self.headers.get("Range") or ""
+        if "," in rng:
+            del self.headers["Range"]
+            self.headers["Range"] = rng.split(",", 1)[0]
+        RangeRequestHandler._serve(self, body)
+
+
+class WholeFile(Logged):
+    """A storage that ignores a multi-range Range header: 200 and the whole file."""
+
+    def _serve(self, body: bool) -> None:
+        self._record()
+        if "," in (self.headers.get("Range") or ""):
+            del self.headers["Range"]
+        RangeRequestHandler._serve(self, body)
+
+
+class NoMultiRange(Logged):
+    """A storage that refuses a multi-range GET: 416."""
+
+    def _serve(self, body: bool) -> None:
+        self._record()
+        if "," in (self.headers.get("Range") or ""):
+            self.send_error(416)
+            return
+        RangeRequestHandler._serve(self, body)
+
+
+@pytest.mark.parametrize("handler", [FirstRangeOnly, WholeFile, NoMultiRange])
+def test_a_storage_without_multi_range_gets_one_get_per_run(sample, handler):
+    """The multi-range GET fails once per host (nothing of its answer kept, no whole file read), then one GET per run."""
+    server = RangeHTTPServer(sample.directory, handler_class=handler)
+    server.log, server.lock = [], threading.Lock()
+    server.start_background()
+    try:
+        path = sample.path(0, "pan")
+        body = path.read_bytes()
+        href = f"{server.url}/{path.name}"
+        host = server.url.removeprefix("http://")
+        offsets, sizes = [len(body) // 4, len(body) // 4 * 3], [20_000, 10_000]
+        want = [body[o : o + s] for o, s in zip(offsets, sizes, strict=True)]
+        received = REGISTRY.get_sample_value("tiler_origin_bytes_total", {"host": host}) or 0.0
+        f = opener.KnownSizeOpener(href, len(body), 1000).open(href)
+        assert f.get_byte_ranges(offsets, sizes) == want
+        assert [("," in r) for _, _, r in server.log] == [True, False, False], server.log
+        assert server.url in opener.NO_MULTIRANGE
+        got = (REGISTRY.get_sample_value("tiler_origin_bytes_total", {"host": host}) or 0.0) - received
+        assert got < 4 * opener.CHUNK + sum(sizes) + 70_000  # never the whole file (%d bytes)
+        # remembered for the host: another file is read with one GET per run straight away
+        ms = sample.path(0, "ms").read_bytes()
+        server.log.clear()
+        href2 = f"{server.url}/{sample.path(0, 'ms').name}"
+        f2 = opener.KnownSizeOpener(href2, len(ms), 1000).open(href2)
+        o2 = [len(ms) // 4, len(ms) // 4 * 3]
+        assert f2.get_byte_ranges(o2, [5000, 5000]) == [ms[o : o + 5000] for o in o2]
+        assert [("," in r) for _, _, r in server.log] == [False, False], server.log
+    finally:
+        opener.NO_MULTIRANGE.discard(server.url)
+        server.shutdown()
+
+
+def _tile_over_two_block_rows(sample, z: int = 17) -> tuple[int, int]:
+    """A tile of item 0 whose pan pixels straddle two rows of 512 px blocks (two runs of the file)."""
+    from pyproj import Transformer
+
+    with rasterio.open(sample.path(0, "pan")) as src:
+        block_rows, inverse, crs = src.block_shapes[0][0], ~src.transform, src.crs
+    to_src = Transformer.from_crs("EPSG:3857", crs, always_xy=True)
+    for x, y in _tiles_inside(sample.item(0), z):
+        xs, ys = mercator_tile_centres(x, y, z)
+        _, rows = inverse * to_src.transform(xs.ravel(), ys.ravel())
+        if int(rows.min()) // block_rows != int(rows.max()) // block_rows:
+            return x, y
+    raise AssertionError("no tile over two block rows")
+
+
+def test_cold_tile_over_two_block_rows_is_two_gets_from_nginx(dsn, sample, tmp_path_factory, vsicurl):
+    """A real nginx (multipart/byteranges): the pan z17 tile needs two runs of blocks: header + 1 GET."""
+    if NGINX is None:
+        pytest.skip("nginx")
+    d = tmp_path_factory.mktemp("nginx-multirange")
+    with run_nginx(d, sample.directory) as (base, access):
+
+        def mutate(items):
+            for it in items:
+                for a in it["assets"].values():
+                    a["href"] = f"{base}/" + a["href"].rsplit("/", 1)[1]
+
+        load(dsn, copy_items(sample, d, "opener-nginx", mutate), progress=False, stats=False)
+        x, y = _tile_over_two_block_rows(sample)
+        url = f"/collections/opener-nginx/items/{sample.item(0)['id']}/tiles/WebMercatorQuad/17/{x}/{y}.tif"
+        with TestClient(create_app(make_settings(dsn))) as client:
+
+            def cold() -> tuple[bytes, list[str]]:
+                client.app.state.tile_cache.clear()
+                clear_http_cache(base)
+                start = len(access.read_text().splitlines()) if access.exists() else 0
+                r = client.get(url, params={"assets": "pan"})
+                assert r.status_code == 200, r.text
+                time.sleep(0.2)  # nginx writes the line after the answer
+                return r.content, access.read_text().splitlines()[start:]
+
+            tile, lines = cold()
+            print(f"\nnginx, cold pan z17 tile: {lines}")
+            assert len(lines) == 2 and all(ln.startswith("GET ") and ln.endswith(" 206") for ln in lines), (
+                lines
+            )
+            assert '"bytes=0-' in lines[0] and lines[1].count(",") >= 1, lines  # header; the runs in one GET
+            assert base not in opener.NO_MULTIRANGE
+            vsicurl()
+            ref, ref_lines = cold()
+            assert len(ref_lines) == 4 and ref_lines[0].startswith("HEAD "), ref_lines
+            data, valid = read_tif(tile)
+            want, want_valid = read_tif(ref)
+            assert valid.any() and np.array_equal(valid, want_valid) and np.array_equal(data, want)
 
 
 def test_chunk_cache_is_bounded():
@@ -403,3 +576,32 @@ def test_a_wrong_file_size_falls_back_to_vsicurl(app_client, origin, sample, cap
         app_client, origin, f"/collections/{WRONG}/items/{sample.item(0)['id']}{tile}", {"assets": "ms"}
     )
     assert [m for m, *_ in log] == ["HEAD", "GET", "GET"], log  # remembered: no wasted GET
+
+
+def test_the_demo_range_server_answers_multi_range_as_nginx(origin, sample, tmp_path_factory):
+    """tiler.rangeserver (the demo's storage) and a real nginx: the same parts for the same Range values."""
+    import httpx
+
+    path = sample.path(0, "pan")
+    body = path.read_bytes()
+    n = len(body)
+    with run_nginx(tmp_path_factory.mktemp("nginx-parts"), sample.directory) as (base, _):
+        for value in (
+            f"bytes=0-99,{n // 2}-{n // 2 + 999},-50",
+            f"bytes=10-19,{n - 5}-{n + 100}",
+            "bytes=5-9",
+        ):
+            answers = [httpx.get(f"{b}/{path.name}", headers={"Range": value}) for b in (origin.url, base)]
+            assert [a.status_code for a in answers] == [206, 206], value
+            if "," not in value:
+                assert answers[0].content == answers[1].content == body[5:10]
+                continue
+            parts = [opener._byteranges(a.headers["content-type"], a.content) for a in answers]
+            assert parts[0] is not None and parts[0] == parts[1], value
+            assert all(data == body[first : first + len(data)] for first, data in parts[0].items())
+        bad = [
+            httpx.get(f"{b}/{path.name}", headers={"Range": f"bytes={n}-{n + 9},{n + 20}-"})
+            for b in (origin.url, base)
+        ]
+        assert [a.status_code for a in bad] == [416, 416]
+        assert bad[0].headers["content-range"] == bad[1].headers["content-range"] == f"bytes */{n}"

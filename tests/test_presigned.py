@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import time
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -22,8 +21,8 @@ import pytest
 import rasterio
 from rasterio.windows import Window
 
-from tests.conftest import free_port, make_settings, serve_app
-from tests.helpers import copy_items, write_auth
+from tests.conftest import make_settings, serve_app
+from tests.helpers import NGINX, copy_items, run_nginx, write_auth
 from tiler import signers
 from tiler.auth import PolicyError
 from tiler.ingest import load
@@ -42,70 +41,27 @@ groups:
     - collections: [spot67-demo]
 """
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(), reason="nginx"
-)
+pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx")
 
 
 @pytest.fixture(scope="module")
 def storage(sample, tmp_path_factory):
     """nginx serving the sample COGs under /cogs/, secure_link-checked: (base URL, access log)."""
     d = tmp_path_factory.mktemp("nginx-secure")
-    (d / "tmp").mkdir()
     (d / "www").mkdir()
     (d / "www" / "cogs").symlink_to(sample.directory)
-    port = free_port()
-    log = d / "access.log"
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    (d / "nginx.conf").write_text(
-        f"""{user}worker_processes 1;
-daemon off;
-pid {d / "nginx.pid"};
-error_log {d / "error.log"} warn;
-events {{ worker_connections 256; }}
-http {{
-  types {{ image/tiff tif; }}
-  default_type application/octet-stream;
-  client_body_temp_path {d / "tmp"};
-  proxy_temp_path {d / "tmp"};
-  fastcgi_temp_path {d / "tmp"};
-  uwsgi_temp_path {d / "tmp"};
-  scgi_temp_path {d / "tmp"};
-  log_format ranges '$request_method $uri "$http_range" $status';
-  map $args $dt_signature {{ default ""; "~(^|&)X-Amz-Signature=(?<s>[^&]*)" $s; }}
-  server {{
-    listen 127.0.0.1:{port};
-    root {d / "www"};
-    access_log {log} ranges;
-    location /cogs/ {{
+    with run_nginx(
+        d,
+        d / "www",
+        http='  map $args $dt_signature { default ""; "~(^|&)X-Amz-Signature=(?<s>[^&]*)" $s; }',
+        server=f"""    location /cogs/ {{
       secure_link $dt_signature,$arg_Expires;
       secure_link_md5 "$secure_link_expires$uri {SECRET}";
       if ($secure_link = "") {{ return 403; }}
       if ($secure_link = "0") {{ return 410; }}
-    }}
-  }}
-}}
-"""
-    )
-    exe = shutil.which("nginx") or "/usr/sbin/nginx"
-    proc = subprocess.Popen(
-        [exe, "-e", str(d / "error.log"), "-c", str(d / "nginx.conf"), "-p", str(d)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            httpx.get(base + "/", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        raise RuntimeError("nginx did not start: " + (d / "error.log").read_text())
-    yield base, log
-    proc.terminate()
-    proc.wait(10)
+    }}""",
+    ) as (base, log):
+        yield base, log
 
 
 @pytest.fixture(scope="module")

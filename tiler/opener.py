@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import http.client
 import logging
+import re
 import ssl
 import threading
 import time
@@ -124,6 +125,7 @@ class _Config:
     retry_delay = 0.5
     retry_codes: frozenset[int] = frozenset({429, 500, 502, 503, 504})
     ingested_bytes = 32768
+    multirange = True
 
 
 CONFIG = _Config()
@@ -132,7 +134,7 @@ CHUNKS = ChunkCache()
 _parallel = ThreadPoolExecutor(max_workers=32, thread_name_prefix="tiler-opener")
 
 
-def configure(gdal: Any, enabled: bool = True) -> None:
+def configure(gdal: Any, enabled: bool = True, multirange: bool = True) -> None:
     """Apply GDAL's settings (`tiler.settings.GdalSettings`) to the opener; ``enabled`` turns it on or off.
 
     It stays off, with a warning, when this rasterio lacks the private opener internals it
@@ -151,6 +153,8 @@ def configure(gdal: Any, enabled: bool = True) -> None:
     CONFIG.retry_delay = float(gdal.gdal_http_retry_delay)
     CONFIG.retry_codes = frozenset(int(c) for c in str(gdal.gdal_http_retry_codes).split(",") if c.strip())
     CONFIG.ingested_bytes = int(gdal.gdal_ingested_bytes_at_open)
+    CONFIG.multirange = multirange
+    NO_MULTIRANGE.clear()
     CHUNKS.max_bytes = int(gdal.cpl_vsil_curl_cache_size)
     CHUNKS.discard()
     _CONNECTIONS.renew()
@@ -214,6 +218,46 @@ class SizeMismatch(OriginError):
 
 #: (href, file:size) pairs found wrong: read through /vsicurl/ from then on (bounded)
 WRONG_SIZES: set[tuple[str, int]] = set()
+
+#: hosts (``scheme://host:port``) that answered a multi-range GET with something else than the
+#: ranges (a whole file, the first range only, a 416): one GET per range for them from then on
+NO_MULTIRANGE: set[str] = set()
+
+_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+_PART_RANGE = re.compile(rb"(?im)^content-range:[ \t]*bytes[ \t]+(\d+)-(\d+)/(\d+|\*)")
+
+
+def _byteranges(content_type: str, body: bytes) -> dict[int, bytes] | None:
+    """The parts of a ``multipart/byteranges`` body by first byte; None when it is not one."""
+    m = _BOUNDARY.search(content_type)
+    if m is None or not content_type.lower().startswith("multipart/byteranges"):
+        return None
+    delimiter = b"--" + m.group(1).encode("latin-1")
+    parts: dict[int, bytes] = {}
+    pos = body.find(delimiter)
+    while pos >= 0:
+        pos += len(delimiter)
+        if body[pos : pos + 2] == b"--":  # the closing delimiter
+            return parts
+        head_end = body.find(b"\r\n\r\n", pos)
+        found = _PART_RANGE.search(body, pos, head_end) if head_end >= 0 else None
+        if found is None:
+            return None
+        first, last = int(found.group(1)), int(found.group(2))
+        data = body[head_end + 4 : head_end + 5 + last - first]
+        if len(data) != last - first + 1:
+            return None
+        parts[first] = data
+        pos = body.find(delimiter, head_end + 4 + len(data))
+    return None  # no closing delimiter: cut short
+
+
+def _covering(parts: Mapping[int, bytes], start: int, end: int) -> bytes | None:
+    """Bytes ``start..end-1`` from the part holding them all, if one does."""
+    for first, data in parts.items():
+        if first <= start and end <= first + len(data):
+            return data[start - first : end - first]
+    return None
 
 
 def _total_size(response: http.client.HTTPResponse) -> int | None:
@@ -286,7 +330,9 @@ class KnownSizeOpener:
         self.signer = signer
         self.budget = budget
         self.error: BaseException | None = None
-        self.host = urlsplit(href).netloc.rsplit("@", 1)[-1] or "unknown"
+        parts = urlsplit(href)
+        self.host = parts.netloc.rsplit("@", 1)[-1] or "unknown"
+        self.origin = f"{parts.scheme}://{self.host}"
         self._url: str | None = None
         self._next_chunk = -1  # the chunk after the last sequential GET, and its length in chunks
         self._blocks = 1
@@ -389,8 +435,16 @@ class KnownSizeOpener:
         return a, end
 
     def _fetch_runs(self, runs: list[tuple[int, int]]) -> list[bytes]:
+        """The chunk runs ``(a, b)``: one GET for one run, else one multi-range GET (or parallel GETs)."""
         if len(runs) == 1:
             return [self._fetch_chunks(*runs[0])]
+        if CONFIG.multirange and self.origin not in NO_MULTIRANGE:
+            spans = [(a * CHUNK, min((b + 1) * CHUNK, self.size_)) for a, b in runs]
+            datas = self.get_multi(spans)
+            if datas is not None:
+                for (a, _), data in zip(runs, datas, strict=True):
+                    CHUNKS.put(self.key, a, data)
+                return datas
         return list(_parallel.map(lambda r: self._fetch_chunks(*r), runs))
 
     def _fetch_chunks(self, a: int, b: int) -> bytes:
@@ -407,7 +461,9 @@ class KnownSizeOpener:
         while True:
             timeout = self._timeout()
             try:
-                code, data = self._send(url, start, end, timeout)
+                code, data = self._send(
+                    url, f"bytes={start}-{end - 1}", timeout, lambda c, r, d: self._body(c, r, end, d)
+                )
             except TimeoutError as e:
                 error: OriginError = OriginError(f"Operation timed out after {timeout:g} s")
                 code, data, cause = None, b"", e
@@ -443,11 +499,74 @@ class KnownSizeOpener:
         self.budget.check(f"reading {self.href.rsplit('/', 1)[-1].split('?', 1)[0]}")
         return max(0.05, min(CONFIG.timeout, self.budget.remaining()))
 
-    def _send(self, url: str, start: int, end: int, timeout: float) -> tuple[int, bytes]:
-        """GET the range on this thread's connection to the host (a new one if the kept one was closed)."""
+    def get_multi(self, spans: list[tuple[int, int]]) -> list[bytes] | None:
+        """The byte ranges ``spans`` (``start, end``) in one multi-range GET; None when that did not work.
+
+        One attempt: the caller then GETs each range (with retries, re-signing and the errors
+        they give). A host that answers a multi-range request with anything but those ranges
+        (the whole file: the connection is dropped before its body; the first range; a 416)
+        goes into `NO_MULTIRANGE`.
+        """
+        value = "bytes=" + ",".join(f"{a}-{b - 1}" for a, b in spans)
+        try:
+            timeout = self._timeout()
+            code, parts = self._send(
+                self.url(), value, timeout, lambda c, r, d: self._multi_body(c, r, spans, d)
+            )
+        except (OriginError, OSError, http.client.HTTPException) as e:
+            logger.debug("multi-range GET of %s failed (%s): one GET per range", self.host, type(e).__name__)
+            return None
+        if code == 206 and parts is not None:
+            datas = [_covering(parts, a, b) for a, b in spans]
+            if all(d is not None for d in datas):
+                return datas  # type: ignore[return-value]
+        if code in (200, 206, 416):
+            if len(NO_MULTIRANGE) > 10000:
+                NO_MULTIRANGE.clear()
+            NO_MULTIRANGE.add(self.origin)
+            logger.info("%s does not serve multi-range GETs (%s): one GET per range", self.host, code)
+        return None
+
+    def _multi_body(
+        self,
+        conn: http.client.HTTPConnection,
+        response: http.client.HTTPResponse,
+        spans: list[tuple[int, int]],
+        deadline: float,
+    ) -> tuple[int, dict[int, bytes] | None]:
+        """Status and parts of a multi-range answer (a single 206 part counts as one part)."""
+        code = response.status
+        if code != 206:
+            conn.close()  # a whole file or an error: not read
+            return code, None
+        limit = sum(b - a for a, b in spans) + 512 * len(spans) + 4096
+        if response.length is not None and response.length > limit:
+            conn.close()
+            return code, None
+        content_type = response.getheader("Content-Type") or ""
+        single = response.getheader("Content-Range")
+        code, body = self._body(conn, response, limit, deadline, whole=True)
+        if single:  # one part: the server merged the ranges, or sent the first only
+            m = re.match(r"\s*bytes\s+(\d+)-(\d+)/", single)
+            if m is None or len(body) != int(m.group(2)) - int(m.group(1)) + 1:
+                return code, None
+            return code, {int(m.group(1)): body}
+        return code, _byteranges(content_type, body)
+
+    def _send(
+        self,
+        url: str,
+        ranges: str,
+        timeout: float,
+        reader: Callable[[http.client.HTTPConnection, http.client.HTTPResponse, float], Any],
+    ) -> Any:
+        """GET ``ranges`` on this thread's connection to the host (a new one if the kept one was closed).
+
+        ``reader(connection, response, deadline)`` reads the answer.
+        """
         parts = urlsplit(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        headers = {**self.headers, "Range": f"bytes={start}-{end - 1}"}
+        headers = {**self.headers, "Range": ranges}
         if "@" in parts.netloc and parts.username is not None:
             user = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
             headers["Authorization"] = "Basic " + base64.b64encode(user.encode()).decode()
@@ -473,13 +592,22 @@ class KnownSizeOpener:
                 ORIGIN_REQUESTS.labels(host=self.host, method="GET").inc()
                 raise
             ORIGIN_REQUESTS.labels(host=self.host, method="GET").inc()
-            return self._body(conn, response, end, deadline)
+            return reader(conn, response, deadline)
         raise AssertionError("unreachable")
 
     def _body(
-        self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse, end: int, deadline: float
+        self,
+        conn: http.client.HTTPConnection,
+        response: http.client.HTTPResponse,
+        end: int,
+        deadline: float,
+        whole: bool = False,
     ) -> tuple[int, bytes]:
-        """Status and body of ``response`` (none unless 200/206); the connection is kept when it can be."""
+        """Status and body of ``response`` (none unless 200/206); the connection is kept when it can be.
+
+        A 200 is read up to ``end`` (a host that ignored Range), a 206 whole, or up to ``end``
+        bytes with ``whole`` (a multi-range answer, bounded).
+        """
         code = response.status
         received = 0
         try:
@@ -496,7 +624,7 @@ class KnownSizeOpener:
             if code not in (200, 206):
                 response.read(65536)
                 return code, b""
-            limit = None if code == 206 else end  # a whole-file answer: stop once the range is in
+            limit = None if code == 206 and not whole else end  # a whole file: stop once the range is in
             chunks = []
             while limit is None or received < limit:
                 part = response.read(1 << 20 if limit is None else min(1 << 20, limit - received))

@@ -25,7 +25,9 @@ def configure_process(settings: Settings) -> list[Credential]:
         ORIGIN.enable()
     datasets.limit_malloc_arenas(settings.reader.malloc_arena_max)
     datasets.configure(settings.reader.pool_size, settings.reader.pool_per_file, settings.reader.pool_ttl)
-    opener.configure(settings.gdal, enabled=settings.reader.known_size_opener)
+    opener.configure(
+        settings.gdal, enabled=settings.reader.known_size_opener, multirange=settings.reader.multirange
+    )
     # titiler's render_image lets rio-tiler's profile win over per-call options: set the level there
     img_profiles.data["png"]["zlevel"] = settings.reader.png_zlevel
     warpcache.install()

@@ -356,6 +356,17 @@ class ReaderSettings(BaseSettings):
         ),
     )
 
+    multirange: bool = Field(
+        default=True,
+        description=(
+            "With the known-size reader: blocks of a tile that lie in separate parts of a file are "
+            "asked in one GET with several ranges (`multipart/byteranges`, as nginx and Apache serve "
+            "them) instead of one GET per part. A host that answers otherwise (S3 and most object "
+            "stores: the whole file, the first range or a 416) is remembered per process and gets one "
+            "GET per part, sent in parallel. false: always one GET per part."
+        ),
+    )
+
     malloc_arena_max: int = Field(
         default=2,
         ge=0,
