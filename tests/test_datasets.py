@@ -269,3 +269,41 @@ def test_malloc_arenas_are_capped(tmp_path):
 
     assert heaps("default") > 2
     assert heaps("2") <= 2
+
+
+MMAP = """
+import sys
+from tiler.datasets import fix_malloc_mmap_threshold
+if sys.argv[1] == "fixed":
+    assert fix_malloc_mmap_threshold(128)
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+b = bytearray(1 << 20)  # mmapped; freeing it raises glibc's dynamic threshold to 1 MiB
+del b
+base = rss()
+keep, big = [], []
+for _ in range(200):
+    big.append(bytearray(300_000))  # 300 kB buffers (a decoded block, a tile array)
+    keep.append(bytearray(1000))  # small, long-lived: pins the heap between them
+del big
+print((rss() - base) // 1024)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_fixed_mmap_threshold_gives_large_buffers_back():
+    """60 MB of 300 kB buffers freed between small live ones: kept by glibc's default, given back when fixed."""
+
+    def kept_kib(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", MMAP, mode],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            check=True,
+        )
+        return int(out.stdout.strip())
+
+    assert kept_kib("default") > 40_000
+    assert kept_kib("fixed") < 5_000

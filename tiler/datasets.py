@@ -143,3 +143,17 @@ def limit_malloc_arenas(n: int) -> bool:
     if n <= 0 or not sys.platform.startswith("linux"):
         return False
     return native.set_malloc_arena_max(n)
+
+
+def fix_malloc_mmap_threshold(kib: int) -> bool:
+    """Serve allocations of ``kib`` KiB and more with their own mmap, for good (0: glibc's default).
+
+    glibc starts at 128 KiB but raises the threshold each time such a block is freed (up to
+    32 MiB), after which GDAL's blocks, decoded tiles and numpy arrays come from the heap,
+    whose freed holes are reused only in part: RSS keeps creeping up for as long as the
+    sizes vary. A fixed threshold hands each large buffer back to the system when it is
+    freed. True when applied.
+    """
+    if kib <= 0 or not sys.platform.startswith("linux"):
+        return False
+    return native.set_malloc_mmap_threshold(kib * 1024)

