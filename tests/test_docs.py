@@ -53,3 +53,25 @@ def test_readme_starts_with_the_two_commands_and_keeps_the_streaming_examples():
     # every page of docs/ is linked from the README
     for page in (ROOT / "docs").glob("*.md"):
         assert f"](docs/{page.name})" in readme, page.name
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_performance_tables_are_the_ones_generated_from_the_committed_json():
+    """README's short table and docs/performance.md's tile table are `run.py --markdown*` of the JSON they name."""
+    bench = _bench_module()
+    readme = (ROOT / "README.md").read_text()
+    name = re.search(r"--markdown-summary benchmarks/results/([\w.-]+\.json)", readme).group(1)
+    assert bench.markdown_table(ROOT / "benchmarks" / "results" / name, summary=True) in readme
+    perf = (ROOT / "docs" / "performance.md").read_text()
+    name = re.search(r"--markdown benchmarks/results/([\w.-]+\.json)", perf).group(1)
+    rows = bench.markdown_table(ROOT / "benchmarks" / "results" / name).splitlines()
+    missing = [r for r in rows[1:] if "raw stream" not in r and r not in perf.splitlines()]
+    assert not missing, missing
