@@ -149,7 +149,8 @@ class JobQueue:
                 job_timeout=self.settings.job_timeout,
                 result_ttl=self.settings.result_ttl,
                 failure_ttl=self.settings.result_ttl,
-                ttl=self.settings.result_ttl,
+                # a job no worker took within this long is dropped (as the user's job set expires)
+                ttl=self.settings.result_ttl + self.settings.job_timeout,
                 meta={"owner": owner, "width": grid.width, "height": grid.height, "progress": 0.0},
                 description=f"export {req.collection_id}/{req.item_id} {req.asset or ''}".strip(),
             )
