@@ -157,6 +157,11 @@ def write_auth(
             for u, k, g in users
         )
     )
+    return auth_settings(directory, signing_keys)
+
+
+def auth_settings(directory: Path, signing_keys: str) -> AuthSettings:
+    """Access control from the ``policy.yaml`` and ``keys.yaml`` under ``directory`` (see `write_auth`)."""
     return AuthSettings(
         enabled=True,
         policy_file=str(directory / "policy.yaml"),

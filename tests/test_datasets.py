@@ -252,20 +252,25 @@ print(open(sys.argv[2]).read().count("<heap nr="))
 """
 
 
+def _script_number(script: str, *args: str) -> int:
+    """The number a Python ``script`` prints, run in a fresh interpreter (its own malloc state)."""
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=True,
+    )
+    return int(out.stdout.strip())
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_malloc_arenas_are_capped(tmp_path):
     """16 threads allocating at once: glibc makes many arenas, 2 with `limit_malloc_arenas(2)`."""
 
     def heaps(mode: str) -> int:
-        out = subprocess.run(
-            [sys.executable, "-c", ARENAS, mode, str(tmp_path / f"{mode}.xml")],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=ROOT,
-            check=True,
-        )
-        return int(out.stdout.strip())
+        return _script_number(ARENAS, mode, str(tmp_path / f"{mode}.xml"))
 
     assert heaps("default") > 2
     assert heaps("2") <= 2
@@ -295,15 +300,7 @@ def test_fixed_mmap_threshold_gives_large_buffers_back():
     """60 MB of 300 kB buffers freed between small live ones: kept by glibc's default, given back when fixed."""
 
     def kept_kib(mode: str) -> int:
-        out = subprocess.run(
-            [sys.executable, "-c", MMAP, mode],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=ROOT,
-            check=True,
-        )
-        return int(out.stdout.strip())
+        return _script_number(MMAP, mode)
 
     assert kept_kib("default") > 40_000
     assert kept_kib("fixed") < 5_000

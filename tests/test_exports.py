@@ -25,7 +25,8 @@ from rasterio.transform import rowcol
 from rasterio.warp import transform as warp_transform
 from rasterio.warp import transform_bounds
 
-from tiler.auth import hash_api_key, mint_url_token
+from tests.helpers import auth_settings, write_auth
+from tiler.auth import mint_url_token
 from tiler.main import create_app
 from tiler.pansharpen import brovey, upsample
 from tiler.sample import COLLECTION_ID, MS_RES, PAN_RES
@@ -61,23 +62,12 @@ def key(user: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def auth_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("export-auth")
-    (d / "policy.yaml").write_text(POLICY)
-    records = "".join(
-        f"  - id: {u}-1\n    sha256: {hash_api_key(k)}\n    user: {u}\n    groups: [{g}]\n"
-        for u, (k, g) in USERS.items()
-    )
-    (d / "keys.yaml").write_text("keys:\n" + records)
+    write_auth(d, POLICY, [(u, k, g) for u, (k, g) in USERS.items()], SIGNING)
     return d
 
 
 def auth(d: Path) -> AuthSettings:
-    return AuthSettings(
-        enabled=True,
-        policy_file=str(d / "policy.yaml"),
-        api_keys_file=str(d / "keys.yaml"),
-        signing_keys=SIGNING,
-        reload_interval=0,
-    )
+    return auth_settings(d, SIGNING)
 
 
 @pytest.fixture(scope="module")

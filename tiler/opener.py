@@ -338,7 +338,7 @@ class KnownSizeOpener:
         self._blocks = 1
         self._lock = threading.Lock()
 
-    # ---------------------------------------------------------------- rasterio's opener interface
+    # ---------------------------------------------------------------- the file (`_Router` serves it to GDAL)
 
     def _is_it(self, path: str) -> bool:
         return path == self.href or path.rstrip("/") == self.href
@@ -348,32 +348,6 @@ class KnownSizeOpener:
         if not self._is_it(path) or "w" in mode or "+" in mode:
             raise FileNotFoundError(path)
         return RangeFile(self)
-
-    def isfile(self, path: str) -> bool:
-        """True for the opener's file only (GDAL's probes of side-car files find nothing)."""
-        return self._is_it(path)
-
-    def isdir(self, path: str) -> bool:
-        """No directories."""
-        return False
-
-    def ls(self, path: str) -> list[str]:
-        """No listings."""
-        return []
-
-    def mtime(self, path: str) -> int:
-        """Unknown: 0."""
-        return 0
-
-    def rm(self, path: str) -> None:
-        """Read-only."""
-        raise PermissionError(path)
-
-    def size(self, path: str) -> int:
-        """The size the STAC item says."""
-        if not self._is_it(path):
-            raise FileNotFoundError(path)
-        return self.size_
 
     # ---------------------------------------------------------------- reading
 
@@ -759,8 +733,8 @@ class _Router:
 
     def size(self, path: str) -> int:
         """The file's size (``file:size``)."""
-        found, href = self._get(path)
-        return found.size(href)
+        found, _ = self._get(path)
+        return found.size_
 
 
 if MultiByteRangeResourceContainer is not None:
