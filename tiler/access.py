@@ -22,6 +22,7 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Query
 from psycopg import errors as pg_errors
 from pydantic import BaseModel, Field
 from starlette._utils import get_route_path
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 from titiler.pgstac import model as pgstac_model
@@ -337,6 +338,15 @@ def _check_search(
         return
     for c in cols:
         _check(principal, principal.access(policy, c), op, request, f"collection {c!r}")
+
+
+async def authorize_request(request: Request) -> None:
+    """`authorize` as the application-wide dependency, not run at all without access control.
+
+    In the thread pool: it may ask the identity provider.
+    """
+    if getattr(request.app.state, "auth", None) is not None:
+        await run_in_threadpool(authorize, request)
 
 
 def authorize(request: Request) -> None:

@@ -27,7 +27,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from titiler.mosaic.errors import NoAssetFoundError
 
-from tiler.access import SCOPE_CACHE, authorize
+from tiler.access import SCOPE_CACHE, authorize_request
 from tiler.metrics import TILE_CACHE
 from tiler.operations import declared
 
@@ -245,7 +245,7 @@ class CachedRoute(APIRoute):
                     shared = True
                     cache.put(key, entry)
             if entry is not None:
-                await run_in_threadpool(authorize, request)
+                await authorize_request(request)
                 cache.count(hit=True, shared=shared)
                 etag = dict(entry.headers).get(b"etag")
                 if etag and not_modified(request, etag.decode("latin-1")):

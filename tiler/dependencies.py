@@ -1,10 +1,18 @@
-"""FastAPI dependencies: item, asset, /cog and /external paths, GDAL environment, presets, layers, render, colormap."""
+"""FastAPI dependencies: item, asset, /cog and /external paths, GDAL environment, presets, layers, render, colormap.
+
+FastAPI runs every plain ``def`` dependency in its thread pool: a tile request made 14 hops
+between the event loop and the pool before its endpoint even started, each a wake-up of both
+threads. `install_inline_dependencies` has the ones that only parse the request (titiler's
+parameter classes, the layer, render and colormap options) called on the event loop; those
+that read the catalogue (the item, the preset) still run in the pool. See `runs_inline`.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Annotated, Any
 
 import pystac
@@ -13,6 +21,7 @@ from morecantile.errors import InvalidIdentifier
 from pydantic import AfterValidator
 from rio_tiler.colormap import cmap as default_cmap
 from rio_tiler.errors import MissingAssets
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from titiler.core.dependencies import AssetsExprParams, ImageRenderingParams, _parse_asset
 from titiler.core.dependencies import ColorMapParams as TitilerColorMapParams
@@ -25,6 +34,59 @@ from tiler.presets import get as get_preset
 from tiler.settings import CogSettings, GdalSettings
 from tiler.tms import supported_tms
 from tiler.urls import refuse_redirects, validate_dataset_url
+
+# --------------------------------------------------------------------------- inline dependencies
+
+#: Sync dependencies called on the event loop (`runs_inline`), by identity.
+_INLINE: set[Any] = set()
+#: titiler's modules whose dependencies all only parse the request.
+_INLINE_MODULES = {"titiler.core.dependencies"}
+#: ... and single ones elsewhere, by (module, qualified name).
+_INLINE_NAMES = {
+    ("titiler.core.algorithm", "Algorithms.dependency.<locals>.post_process"),
+    ("titiler.mosaic.factory", "PixelSelectionParams"),
+    ("titiler.pgstac.dependencies", "BackendParams"),
+}
+
+
+def runs_inline(dependency: Any) -> Any:
+    """Have FastAPI call the sync ``dependency`` on the event loop instead of its thread pool.
+
+    Only for dependencies that parse the request and nothing more: no database, file or
+    network access, nothing that waits. Returns ``dependency`` (usable as a decorator).
+    """
+    _INLINE.add(dependency)
+    return dependency
+
+
+def is_inline(call: Any) -> bool:
+    """True for the dependencies `runs_inline` marked and titiler's parsing-only ones."""
+    call = call.func if isinstance(call, partial) else call
+    try:
+        if call in _INLINE:
+            return True
+    except TypeError:  # unhashable callable
+        return False
+    module = getattr(call, "__module__", None)
+    return module in _INLINE_MODULES or (module, getattr(call, "__qualname__", None)) in _INLINE_NAMES
+
+
+async def run_dependency(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """FastAPI's call of a sync dependency: on the event loop if `is_inline`, else in the pool."""
+    if is_inline(func):
+        return func(*args, **kwargs)
+    return await run_in_threadpool(func, *args, **kwargs)
+
+
+def install_inline_dependencies() -> None:
+    """Route FastAPI's sync-dependency calls through `run_dependency` (idempotent).
+
+    FastAPI looks ``run_in_threadpool`` up in ``fastapi.dependencies.utils`` for each sync
+    dependency it solves (endpoints have their own call, unchanged).
+    """
+    import fastapi.dependencies.utils as fastapi_dependencies
+
+    fastapi_dependencies.run_in_threadpool = run_dependency
 
 
 def cog_url_dependency(settings: CogSettings) -> Callable[..., str]:
@@ -83,9 +145,10 @@ def gdal_env_dependency(settings: GdalSettings) -> Callable[[], dict[str, str | 
     def environment() -> dict[str, str | int]:
         return dict(options)
 
-    return environment
+    return runs_inline(environment)
 
 
+@runs_inline
 def ItemParams(  # noqa: N802 - titiler naming
     request: Request, item: Annotated[pystac.Item, Depends(ItemIdParams)]
 ) -> pystac.Item:
@@ -122,6 +185,7 @@ class _Fields(dict):
 MOSAIC_ITEM_FIELDS = _Fields(include=["assets", "id", "bbox", "collection", "properties.platform"])
 
 
+@runs_inline
 @dataclass
 class MosaicAssetsParams(PgSTACParams):
     """titiler-pgstac's item lookup options; items also carry ``properties.platform``."""
@@ -196,7 +260,7 @@ def resolve_preset(request: Request, name: str | None) -> Resolved | None:
 _EXPLICIT_LAYER = {"assets", "expression"}
 
 
-def PresetParams(  # noqa: N802 - titiler naming
+async def PresetParams(  # noqa: N802 - titiler naming
     request: Request,
     preset: Annotated[
         str | None,
@@ -211,13 +275,17 @@ def PresetParams(  # noqa: N802 - titiler naming
         ),
     ] = None,
 ) -> Resolved | None:
-    """The preset of this request, resolved (None when ``assets``/``expression`` say it all)."""
+    """The preset of this request, resolved (None when ``assets``/``expression`` say it all).
+
+    Resolving may read the catalogue: that part runs in the thread pool.
+    """
     if preset is None and _EXPLICIT_LAYER & request.query_params.keys():
         return None
-    return resolve_preset(request, preset)
+    return await run_in_threadpool(resolve_preset, request, preset)
 
 
 @dataclass
+@runs_inline
 class LayerParams(AssetsExprParams):
     """``assets``/``expression`` (titiler's), filled from the preset when neither is given."""
 
@@ -257,6 +325,7 @@ class LayerParams(AssetsExprParams):
         return out
 
 
+@runs_inline
 @dataclass
 class RenderParams(ImageRenderingParams):
     """titiler's rendering options; ``rescale`` and ``color_formula`` default to the preset's."""
@@ -280,6 +349,7 @@ class RenderParams(ImageRenderingParams):
         return out
 
 
+@runs_inline
 def ColorMapParams(  # noqa: N802 - titiler naming
     preset_values: Annotated[Resolved | None, Depends(PresetParams)],
     colormap: Annotated[Any, Depends(TitilerColorMapParams)],

@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from titiler.core.dependencies import PartFeatureParams, PreviewParams
 from titiler.pgstac.backend import pgstac_config
 
-from tiler.dependencies import MosaicAssetsParams
+from tiler.dependencies import MosaicAssetsParams, runs_inline
 from tiler.errors import InvalidFilter, LimitExceeded
 from tiler.operations import PUBLIC, Operation, declared
 from tiler.settings import LimitSettings
@@ -502,7 +502,7 @@ def mosaic_params(limits: LimitSettings) -> type[MosaicAssetsParams]:
             self.items_limit = _limited(self.items_limit, pgstac_config.items_limit, limits.max_items_limit)
             self.time_limit = _limited(self.time_limit, pgstac_config.time_limit, limits.max_time_limit)
 
-    return LimitedMosaicParams
+    return runs_inline(LimitedMosaicParams)
 
 
 def part_params(limits: LimitSettings) -> type[PartFeatureParams]:
@@ -516,7 +516,7 @@ def part_params(limits: LimitSettings) -> type[PartFeatureParams]:
             if not (self.width or self.height or self.max_size):
                 self.max_size = limits.default_part_max_size
 
-    return LimitedPartParams
+    return runs_inline(LimitedPartParams)
 
 
 def preview_params(limits: LimitSettings) -> type[PreviewParams]:
@@ -530,4 +530,4 @@ def preview_params(limits: LimitSettings) -> type[PreviewParams]:
             if self.max_size is not None:
                 self.max_size = min(self.max_size, limits.max_preview_size)
 
-    return LimitedPreviewParams
+    return runs_inline(LimitedPreviewParams)

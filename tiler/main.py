@@ -38,7 +38,13 @@ from titiler.pgstac.extensions import searchInfoExtension
 from titiler.pgstac.factory import MosaicTilerFactory, add_search_list_route, add_search_register_route
 
 from tiler import __version__
-from tiler.access import Authenticator, UrlTokenMiddleware, auth_router, authorize, restricted_search_params
+from tiler.access import (
+    Authenticator,
+    UrlTokenMiddleware,
+    auth_router,
+    authorize_request,
+    restricted_search_params,
+)
 from tiler.cache import CachedRoute, CachePolicyMiddleware, tile_cache
 from tiler.compare import add_compare_routes
 from tiler.concurrency import RenderLimiter, render_slot
@@ -105,7 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # (a caller the policy refuses never waits for a render slot), then the render slot
         dependencies=[
             Depends(limits_dependency(limits)),
-            Depends(authorize),
+            Depends(authorize_request),
             Depends(render_slot, scope="function"),
         ],
     )

@@ -1,10 +1,11 @@
-"""Process-wide set-up, once per worker: logging, metrics, GDAL's dataset pool, PNG level, credentials."""
+"""Process-wide set-up, once per worker: logging, metrics, GDAL's dataset pool, PNG level, inline dependencies, credentials."""
 
 from __future__ import annotations
 
 from rio_tiler.profiles import img_profiles
 
 from tiler import datasets, opener, warpcache
+from tiler.dependencies import install_inline_dependencies
 from tiler.logs import configure_logging, redact_library_logs
 from tiler.metrics import ORIGIN
 from tiler.settings import Settings
@@ -32,6 +33,7 @@ def configure_process(settings: Settings) -> list[Credential]:
     # titiler's render_image lets rio-tiler's profile win over per-call options: set the level there
     img_profiles.data["png"]["zlevel"] = settings.reader.png_zlevel
     warpcache.install()
+    install_inline_dependencies()
     credentials = load_credentials(settings.upstream.credentials_file)
     if settings.cog.enabled:
         for cred in credentials:
