@@ -154,3 +154,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text", if_unconfigured: b
     # tiler.access (one line per request, with its id) replaces uvicorn's access line
     logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("rio-tiler").setLevel(logging.ERROR)
+    # titiler's and rio-tiler's per-tile INFO lines ("opening data with reader", "found 2 assets"):
+    # one to three log lines per tile, without anything tiler.http's line does not say
+    for name in ("titiler", "rio_tiler"):
+        logging.getLogger(name).setLevel(logging.WARNING)
