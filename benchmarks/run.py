@@ -3,8 +3,8 @@
 What it sets up (everything under ``.bench/``, loopback only, nothing downloaded at run time):
 
 * a private PostgreSQL+PostGIS+pgstac cluster (`tiler.embedded.LocalCluster`, port 55433);
-* 3 overlapping SPOT 6/7-like scenes (`tiler.sample.generate`, 4-band uint16 6 m MS 1024 px,
-  1.5 m pan 4096 px, 512 px blocks, deflate) in ``.bench/cogs``;
+* 3 overlapping SPOT 6/7-like scenes (`tiler.sample.generate`, 4-band uint16 6 m MS 2048 px,
+  1.5 m pan 8192 px, 512 px blocks, deflate) in ``.bench/cogs``;
 * one nginx over that folder with one server block (port) per reader, each with its own access
   log of request line, Range header, status and bytes sent: the two servers read the same files
   but each through its own port, so origin requests are counted per server;
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import http.client
 import json
 import os
@@ -98,7 +99,8 @@ def scale_ids(n: int) -> tuple[str, str]:
     return "scale-small", f"scale-{n}"
 
 
-MS_SIZE = 1024
+#: MS scene width (px, 6 m: 12 km; pan 4x): 2048 gives ~20 distinct z14 tiles per round (1024 gave 5)
+MS_SIZE = 2048
 N_SCENES = 3
 
 MS_RGB = "assets=" + quote("ms|bidx=3,2,1", safe="") + "&rescale=200,1800"
@@ -381,6 +383,11 @@ def load_collections(dsn: str, coll: dict, items: list[dict], scale_items: int) 
         have = dict(
             conn.execute("SELECT collection, count(*) FROM pgstac.items GROUP BY collection").fetchall()
         )
+    # the scenes changed (another MS_SIZE, N_SCENES or sample generator): load everything again
+    signature = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
+    signature_file = stac / "items.sha256"
+    if not signature_file.exists() or signature_file.read_text() != signature:
+        have = {}
     want = {
         COLLECTIONS["ours"]: len(items),
         COLLECTIONS["stock"]: len(items),
@@ -401,6 +408,7 @@ def load_collections(dsn: str, coll: dict, items: list[dict], scale_items: int) 
         if cid in (small_id, big_id):
             add_synthetic(dsn, cid, want[cid] - len(items))
         log(f"loaded {want[cid]} items in {cid} ({time.monotonic() - t:.1f} s)")
+    signature_file.write_text(signature)
 
 
 def add_synthetic(dsn: str, cid: str, n: int) -> None:
