@@ -1173,7 +1173,14 @@ def start_servers(
     for n in specs:
         if only in (None, n):
             ensure_free(SERVER_PORTS[n])
-    procs = {n: Proc(*spec) for n, spec in specs.items() if only in (None, n)}
+    procs: dict[str, Proc] = {}
+    try:
+        for n, spec in specs.items():
+            if only in (None, n):
+                procs[n] = Proc(*spec)
+    except BaseException:
+        stop_servers(procs)  # one could not start: leave nothing behind
+        raise
     for name in procs:
         try:
             wait_http(SERVER_PORTS[name], "/healthz", 90)
@@ -2378,6 +2385,10 @@ def main() -> int:
     scenes = bool(set(CASES) - {"stream"} - skip)  # every case but stream reads the scenes
     shared = bool(SHARED_CASES - skip)
     py = sys.executable
+    if shared and not (STOCK_VENV / "bin" / "python").exists():
+        ap.error(
+            f"stock titiler-pgstac is not installed in {STOCK_VENV}: run `bash benchmarks/setup.sh` first (`make bench` does)"
+        )
     t_start = time.monotonic()
     BENCH.mkdir(exist_ok=True)
 
