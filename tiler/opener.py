@@ -65,7 +65,7 @@ CHUNK = 16384
 class ChunkCache:
     """16 KiB chunks of remote files, least recently used first out, ``max_bytes`` in all."""
 
-    def __init__(self, max_bytes: int = 200_000_000) -> None:
+    def __init__(self, max_bytes: int = 32_000_000) -> None:
         """Hold at most ``max_bytes`` of chunk data."""
         self.max_bytes = max_bytes
         self._lock = threading.Lock()

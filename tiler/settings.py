@@ -265,8 +265,11 @@ class ExternalSettings(BaseSettings):
 class GdalSettings(BaseSettings):
     """GDAL configuration for remote COG reads (applied with rasterio.Env per request).
 
-    The defaults are the values titiler and GDAL recommend for COGs on HTTP
-    object storage; each can be overridden by ``TILER_GDAL_<NAME>``.
+    The HTTP options are the values titiler and GDAL recommend for COGs on HTTP
+    object storage; each can be overridden by ``TILER_GDAL_<NAME>``. The two caches are
+    per worker process and sized so that a worker stays below stock titiler-pgstac's peak
+    memory at the same throughput on distinct tiles (``make bench``, docs/performance.md):
+    datasets are kept open between requests, so these caches do fill, unlike stock's.
     """
 
     gdal_disable_readdir_on_open: str = "EMPTY_DIR"
@@ -284,8 +287,8 @@ class GdalSettings(BaseSettings):
     gdal_http_low_speed_limit: str = "1024"
     vsi_cache: str = "TRUE"
     vsi_cache_size: str = "5000000"
-    gdal_cachemax: int = Field(default=200, ge=1, description="GDAL block cache, MB (process-wide).")
-    cpl_vsil_curl_cache_size: str = "200000000"
+    gdal_cachemax: int = Field(default=48, ge=1, description="GDAL block cache, MB (process-wide).")
+    cpl_vsil_curl_cache_size: str = "32000000"
 
     model_config = SettingsConfigDict(env_prefix="TILER_GDAL_", extra="ignore")
 
@@ -636,7 +639,7 @@ class TileCacheSettings(BaseSettings):
 
     enabled: bool = True
     max_mb: float = Field(
-        default=128, gt=0, description="Memory the cache may hold per worker process, MiB (LRU past it)."
+        default=16, gt=0, description="Memory the cache may hold per worker process, MiB (LRU past it)."
     )
     ttl: float = Field(
         default=300, gt=0, description="Seconds a rendered tile is served again before it is rendered anew."
