@@ -805,6 +805,39 @@ def test_malformed_inputs_schemathesis_found_are_4xx(client, sample, item_url):
             {"params": {"assets": "ms"}, "json": {**feature, "bbox": [1, 2, 3, 4, 5, 6]}},
             "bbox",
         ),
+        (  # rio-tiler's "Invalid geometry" (a RioTilerError, 500 in titiler)
+            "POST",
+            f"/collections/{C}/feature.npy",
+            {
+                "params": {"assets": "ms"},
+                "json": {**feature, "geometry": {"type": "GeometryCollection", "geometries": []}},
+            },
+            "GeometryCollection",
+        ),
+        (
+            "POST",
+            f"{item_url}/feature.png",
+            {
+                "params": {"assets": "ms"},
+                "json": {
+                    **feature,
+                    "geometry": {"type": "Polygon", "coordinates": [[[2, 44], [3, 44], [2, 44]]]},
+                },
+            },
+            "geometry",
+        ),
+        (
+            "POST",
+            f"{item_url}/statistics",
+            {
+                "params": {"assets": "ms"},
+                "json": {
+                    "type": "FeatureCollection",
+                    "features": [{**feature, "geometry": {"type": "MultiPolygon", "coordinates": []}}],
+                },
+            },
+            "geometry",
+        ),
     ]
     for method, url, kwargs, word in cases:
         r = client.request(method, url, **kwargs)

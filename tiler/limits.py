@@ -27,6 +27,7 @@ from typing import Annotated, Any
 
 from cql2 import Expr
 from fastapi import HTTPException, Query
+from rasterio.features import is_valid_geom
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -330,6 +331,25 @@ def _numbers(value: Any) -> Iterator[Any]:
             yield v
 
 
+def _check_geometry_shape(geometry: Any) -> None:
+    """Refuse (400) what rio-tiler refuses with a 500: an empty or degenerate geometry.
+
+    The same test rio-tiler makes before reading a feature (rasterio's ``is_valid_geom``:
+    a GeometryCollection with geometries, a Polygon with a ring of 4 positions, ...). A body
+    too malformed for the test is left to FastAPI's validation (422).
+    """
+    try:
+        valid = is_valid_geom(geometry)
+    except (TypeError, KeyError, IndexError, AttributeError):
+        return
+    if not valid:
+        raise HTTPException(
+            400,
+            "The GeoJSON body's geometry is empty or incomplete: a GeometryCollection needs geometries, "
+            "a Polygon a ring of at least 4 positions, a LineString 2 positions",
+        )
+
+
 def check_geojson(body: Any) -> None:
     """A GeoJSON Feature (or FeatureCollection) body: geometries present, coordinates finite and plausible."""
     if not isinstance(body, dict):
@@ -343,6 +363,7 @@ def check_geojson(body: Any) -> None:
         geometry = f.get("geometry")
         if geometry is None:
             raise HTTPException(400, "The GeoJSON body has a Feature without `geometry`")
+        _check_geometry_shape(geometry)
         geometries = [geometry]
         if f.get("bbox") is not None and len(f["bbox"]) != 4:
             raise HTTPException(400, "The GeoJSON body's `bbox` must have 4 numbers")
