@@ -387,6 +387,17 @@ def test_two_workers_share_metrics_and_log_json(cluster, dsn, tmp_path):
             status="200",
         )
         assert after - before == 20
+        # per-worker gauges read at scrape time: the answering worker's caches, with its pid
+        caches = [
+            f
+            for f in text_string_to_metric_families(httpx.get(base + "/metrics", timeout=10).text)
+            if f.name == "tiler_cache_limit_bytes"
+        ]
+        assert len(caches) == 1
+        limits = {s.labels["cache"]: s.value for s in caches[0].samples}
+        assert limits["tiles"] == 16 * 2**20 and limits["http_chunks"] == 32_000_000, limits
+        assert limits["gdal_blocks"] == 48 * 2**20, limits  # the defaults, applied at start
+        assert {s.labels["pid"] for s in caches[0].samples} != {str(proc.pid)}  # a worker's, not the master's
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=20)
@@ -441,3 +452,35 @@ def test_tile_cache_counter_follows_the_cache(secured, sample):
         return value(after, name, result=result) - value(before, name, result=result)
 
     assert (delta("miss"), delta("hit"), delta("hit-shared")) == (1, 2, 0)
+
+
+def test_cache_sizes_are_exported(secured, sample):
+    """`tiler_cache_bytes` follows what the caches hold: a new tile adds its bytes to `tiles`."""
+    import os
+
+    from tiler.opener import CHUNKS
+
+    client, token = secured
+    pid = str(os.getpid())
+    x, y = _tile(sample, z=15, index=2)
+    params = forget_pgstac_lookups()  # a tile nobody asked for yet
+    url = f"/t/{token}/collections/{COLLECTION_ID}/tiles/WebMercatorQuad/15/{x}/{y}.png"
+    _, before = scrape(client)
+    r = client.get(url, params=params)
+    assert r.status_code == 200 and r.headers["x-tile-cache"] == "miss", r.text
+    _, after = scrape(client)
+
+    def held(s: dict, cache: str) -> float:
+        return value(s, "tiler_cache_bytes", cache=cache, pid=pid)
+
+    def bound(s: dict, cache: str) -> float:
+        return value(s, "tiler_cache_limit_bytes", cache=cache, pid=pid)
+
+    tile_cache = client.app.state.tile_cache
+    assert bound(after, "tiles") == tile_cache.usage()[1] > 0
+    assert held(after, "tiles") - held(before, "tiles") >= len(r.content)  # the tile and its headers
+    assert 0 < held(after, "tiles") <= bound(after, "tiles")
+    # the sample's COGs are read through the tiler's reader (HTTP, `file:size`) and stay open
+    assert bound(after, "http_chunks") == CHUNKS.max_bytes > 0
+    assert 0 < held(after, "http_chunks") <= bound(after, "http_chunks")
+    assert 0 < held(after, "gdal_blocks") <= bound(after, "gdal_blocks")

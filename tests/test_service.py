@@ -166,3 +166,54 @@ def test_gdal_cachemax_is_megabytes():
     opts = GdalSettings(gdal_cachemax=200).options()
     with rasterio.Env(GDAL_CACHEMAX=opts["GDAL_CACHEMAX"]):
         assert int(get_gdal_config("GDAL_CACHEMAX")) == 200 * 1024 * 1024
+
+
+def test_gdal_block_cache_bound_is_set_once_per_process_and_stays(dsn, sample):
+    """GDAL's block cache bound is process-wide: set at start, never flipped back by a request's Env.
+
+    rasterio.Env puts the previous bound (GDAL's default, 5 % of RAM) back on exit, so
+    when each request set it, concurrent requests read with GDAL's default bound.
+    """
+    import rasterio
+    from fastapi.testclient import TestClient
+
+    from tests.conftest import make_settings
+    from tests.helpers import lonlat_of_item_centre, mercator_tile
+    from tiler import native
+    from tiler.dependencies import gdal_env_dependency
+    from tiler.main import create_app
+    from tiler.sample import COLLECTION_ID
+    from tiler.settings import GdalSettings
+
+    assert "GDAL_CACHEMAX" not in GdalSettings().env_options()
+    # what every read's rasterio.Env gets: without it, each request's Env would set the bound
+    # and put GDAL's default back on exit, under the feet of the requests still reading
+    assert "GDAL_CACHEMAX" not in gdal_env_dependency(GdalSettings())()
+    assert "GDAL_HTTP_TIMEOUT" in gdal_env_dependency(GdalSettings())()
+    assert GdalSettings().env_options().items() <= GdalSettings().options().items()
+    with rasterio.Env():
+        default = native.gdal_block_cache()[1]
+    settings = make_settings(dsn)
+    settings.gdal = GdalSettings(gdal_cachemax=40)
+    bound = 40 * 2**20
+    assert default != bound
+    app = create_app(settings)
+    try:
+        assert native.gdal_block_cache()[1] == bound  # before any request
+        item = sample.item(0)
+        x, y = mercator_tile(*lonlat_of_item_centre(item), 16)
+        url = f"/collections/{COLLECTION_ID}/items/{item['id']}/tiles/WebMercatorQuad/16/{x}/{y}.png"
+        with TestClient(app) as client:
+            for dx in (-1, 0, 1):
+                r = client.get(
+                    url.replace(f"/{x}/", f"/{x + dx}/"),
+                    params={"assets": "ms|bidx=3,2,1", "rescale": "200,1800"},
+                )
+                assert r.status_code == 200, r.text
+                assert native.gdal_block_cache()[1] == bound  # after each request too
+            used, _ = native.gdal_block_cache()  # the datasets stay open, their blocks cached
+            assert 0 < used <= bound
+    finally:
+        native.set_gdal_cache_max(
+            GdalSettings().options()["GDAL_CACHEMAX"]
+        )  # the default, as other apps set it

@@ -151,6 +151,11 @@ class TileCache:
                 self.misses += 1
         TILE_CACHE.labels(result="hit-shared" if hit and shared else "hit" if hit else "miss").inc()
 
+    def usage(self) -> tuple[int, int]:
+        """Bytes of rendered tiles held in this process (expired ones until evicted), and the bound."""
+        with self._lock:
+            return int(self._data.currsize), int(self._data.maxsize)
+
     @property
     def shared_errors(self) -> int:
         """Failed calls to the shared store (connection, timeout, server error)."""

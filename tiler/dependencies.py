@@ -140,7 +140,7 @@ def external_item_dependency(items: ExternalItems) -> Callable[..., pystac.Item]
 
 def gdal_env_dependency(settings: GdalSettings) -> Callable[[], dict[str, str | int]]:
     """Environment dependency returning the GDAL options used for every read."""
-    options = settings.options()
+    options = settings.env_options()  # GDAL_CACHEMAX: once per process (configure_process)
 
     def environment() -> dict[str, str | int]:
         return dict(options)

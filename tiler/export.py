@@ -386,7 +386,7 @@ def open_product(
 ) -> Iterator[Product]:
     """The product ``req`` asks for, its assets open (through `SigningReader`) until the block ends.
 
-    ``gdal_options`` (`tiler.settings.GdalSettings.options`) apply to every read and write of the block.
+    ``gdal_options`` (`tiler.settings.GdalSettings.env_options`) apply to every read and write of the block.
     """
     with contextlib.ExitStack() as stack:
         stack.enter_context(rasterio.Env(**gdal_options))

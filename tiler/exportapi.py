@@ -162,7 +162,7 @@ def export_router(settings: Settings) -> APIRouter:
     """``export.tif`` of an item (GET with a box, POST with a feature)."""
     router = APIRouter(tags=["Exports"])
     caps = settings.export
-    gdal = settings.gdal.options()
+    gdal = settings.gdal.env_options()
 
     def export(request: Request, req: ExportRequest) -> Response:
         cat, item, ctx = _planned(request, req)
@@ -245,7 +245,7 @@ def _principal(request: Request) -> Any:
 def jobs_router(settings: Settings) -> APIRouter:
     """Submission of export jobs on an item, and the caller's jobs."""
     router = APIRouter(tags=["Export jobs"])
-    gdal = settings.gdal.options()
+    gdal = settings.gdal.env_options()
 
     def base(request: Request) -> str:
         return request.scope.get("root_path", "").rstrip("/")

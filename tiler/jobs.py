@@ -325,7 +325,7 @@ def run_export(payload: dict[str, Any]) -> dict[str, Any]:
         cat = catalogue(pool)
         item = cat.item(req.collection_id, req.item_id)
         ctx = cat.presets(collection_id=req.collection_id, item_id=req.item_id, item=item)
-        with open_product(item, req, ctx, settings.gdal.options()) as product:
+        with open_product(item, req, ctx, settings.gdal.env_options()) as product:
             grid = output_grid(product, req)
             check_size(grid, settings.jobs.max_size, settings.jobs.max_pixels, "an export job")
             write_export(str(part), item, cat.collection(req.collection_id), req, product, grid, progress)

@@ -334,7 +334,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.mount(STAC_MOUNT, MountedLinks(app.state.stac))
     app.include_router(auth_router())
     if settings.observability.metrics_enabled:
-        app.include_router(metrics_router(settings.observability, lambda: getattr(app.state, "dbpool", None)))
+        app.include_router(
+            metrics_router(
+                settings.observability,
+                lambda: getattr(app.state, "dbpool", None),
+                lambda: getattr(app.state, "tile_cache", None),
+            )
+        )
     app.include_router(presets_router())
     app.include_router(catalogue_router(pages))
     app.include_router(health_router(api))

@@ -18,6 +18,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -270,10 +271,60 @@ class PoolCollector:
         )
 
 
+class CacheCollector:
+    """Bytes held by this worker's caches and their bounds, read at scrape time.
+
+    ``tiles`` (rendered tiles in memory, `TILER_CACHE_MAX_MB`), ``http_chunks`` (chunks of
+    remote files read through `tiler.opener`, `TILER_GDAL_CPL_VSIL_CURL_CACHE_SIZE`) and
+    ``gdal_blocks`` (GDAL's decoded blocks, `TILER_GDAL_GDAL_CACHEMAX`). Datasets stay open
+    between requests, so these caches stay full: with the Python working set they are most
+    of a worker's memory. Labelled by ``pid``: with several workers a scrape reports the
+    worker that answers it, as the pool figures.
+    """
+
+    def __init__(self, tile_cache_getter: Callable[[], Any]):
+        """``tile_cache_getter`` returns the app's `TileCache` (None when the cache is off)."""
+        self._tile_cache = tile_cache_getter
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """Cache name -> (bytes held, bound in bytes)."""
+        from tiler.opener import CHUNKS  # tiler.opener imports this module
+
+        out = {}
+        tiles = self._tile_cache()
+        if tiles is not None:
+            out["tiles"] = tiles.usage()
+        out["http_chunks"] = CHUNKS.usage()
+        try:
+            out["gdal_blocks"] = native.gdal_block_cache()
+        except (OSError, AttributeError):  # a libgdal without these functions: left out
+            logger.debug("GDAL block cache figures unavailable", exc_info=True)
+        return out
+
+    def collect(self) -> Iterable[Any]:
+        """``tiler_cache_bytes`` and ``tiler_cache_limit_bytes`` by ``cache`` and ``pid``."""
+        pid = str(os.getpid())
+        held = GaugeMetricFamily(
+            "tiler_cache_bytes", "Bytes each cache of this worker holds.", labels=["cache", "pid"]
+        )
+        bound = GaugeMetricFamily(
+            "tiler_cache_limit_bytes", "The most each cache of this worker may hold.", labels=["cache", "pid"]
+        )
+        for name, (used, limit) in self.usage().items():
+            held.add_metric([name, pid], used)
+            bound.add_metric([name, pid], limit)
+        yield held
+        yield bound
+
+
 # --------------------------------------------------------------------------- /metrics
 
 
-def metrics_router(settings: ObservabilitySettings, pool_getter: Callable[[], Any]) -> APIRouter:
+def metrics_router(
+    settings: ObservabilitySettings,
+    pool_getter: Callable[[], Any],
+    tile_cache_getter: Callable[[], Any] = lambda: None,
+) -> APIRouter:
     """``GET /metrics``: from allowed networks or with the bearer token only."""
     registry = CollectorRegistry(auto_describe=False)
     if settings.prometheus_multiproc_dir:
@@ -282,6 +333,7 @@ def metrics_router(settings: ObservabilitySettings, pool_getter: Callable[[], An
         for family in FAMILIES:
             registry.register(family)
     registry.register(PoolCollector(pool_getter))
+    registry.register(CacheCollector(tile_cache_getter))
     networks = [ipaddress.ip_network(n, strict=False) for n in settings.metrics_allow]
     token = settings.metrics_token.get_secret_value().encode() if settings.metrics_token else None
     router = APIRouter(dependencies=[SELF_GUARDED.depends()])  # checks its own token before any other

@@ -6,7 +6,7 @@ declared once, the first time it is used, so a GDAL without one of them fails on
 where that one is needed. Callers get small typed functions:
 
 * path-specific options and /vsicurl/ cache clearing (`tiler.upstream`),
-* global config options and network statistics (`tiler.metrics`),
+* global config options, network statistics and the block cache's size (`tiler.metrics`),
 * glibc's malloc arena cap (`tiler.datasets`).
 """
 
@@ -32,6 +32,9 @@ _GDAL_PROTOTYPES: dict[str, tuple[list, type | None]] = {
     "VSINetworkStatsGetAsSerializedJSON": ([_p], _p),
     "VSINetworkStatsReset": ([], None),
     "VSIFree": ([_p], None),
+    "GDALGetCacheUsed64": ([], ctypes.c_int64),
+    "GDALGetCacheMax64": ([], ctypes.c_int64),
+    "GDALSetCacheMax64": ([ctypes.c_int64], None),
 }
 
 #: glibc's mallopt parameter numbers of M_ARENA_MAX and M_MMAP_THRESHOLD (malloc.h)
@@ -82,6 +85,16 @@ def clear_curl_cache(path: str | None = None) -> None:
 def set_config_option(key: str, value: str | None) -> None:
     """``CPLSetConfigOption``: a process-wide GDAL config option (None unsets it)."""
     _gdal("CPLSetConfigOption")(key.encode(), _bytes(value))
+
+
+def gdal_block_cache() -> tuple[int, int]:
+    """Bytes in GDAL's block cache now, and its bound (``GDAL_CACHEMAX``), process-wide."""
+    return int(_gdal("GDALGetCacheUsed64")()), int(_gdal("GDALGetCacheMax64")())
+
+
+def set_gdal_cache_max(n: int) -> None:
+    """``GDALSetCacheMax64``: bound GDAL's block cache to ``n`` bytes, process-wide (flushes down to it)."""
+    _gdal("GDALSetCacheMax64")(n)
 
 
 def take_network_stats() -> str | None:

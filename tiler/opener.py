@@ -100,6 +100,11 @@ class ChunkCache:
                 _, dropped = self._chunks.popitem(last=False)
                 self.nbytes -= len(dropped)
 
+    def usage(self) -> tuple[int, int]:
+        """Bytes held now, and the bound."""
+        with self._lock:
+            return self.nbytes, self.max_bytes
+
     def discard(self, prefix: str | None = None) -> None:
         """Forget the chunks of files whose key starts with ``prefix`` (all when None)."""
         with self._lock:

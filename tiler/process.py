@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rio_tiler.profiles import img_profiles
 
-from tiler import datasets, opener, warpcache
+from tiler import datasets, native, opener, warpcache
 from tiler.dependencies import install_inline_dependencies
 from tiler.logs import configure_logging, redact_library_logs
 from tiler.metrics import ORIGIN
@@ -26,6 +26,8 @@ def configure_process(settings: Settings) -> list[Credential]:
         ORIGIN.enable()
     datasets.limit_malloc_arenas(settings.reader.malloc_arena_max)
     datasets.fix_malloc_mmap_threshold(settings.reader.malloc_mmap_threshold_kb)
+    # process-wide in GDAL: set here once, never per request (GdalSettings.env_options)
+    native.set_gdal_cache_max(settings.gdal.options()["GDAL_CACHEMAX"])
     datasets.configure(settings.reader.pool_size, settings.reader.pool_per_file, settings.reader.pool_ttl)
     opener.configure(
         settings.gdal, enabled=settings.reader.known_size_opener, multirange=settings.reader.multirange

@@ -302,6 +302,18 @@ class GdalSettings(BaseSettings):
         out["GDAL_CACHEMAX"] = self.gdal_cachemax * 1024 * 1024
         return out
 
+    def env_options(self) -> dict[str, str | int]:
+        """The options for a ``rasterio.Env`` around reads: all but ``GDAL_CACHEMAX``.
+
+        GDAL's block cache bound is process-wide: ``rasterio.Env`` sets it on entry and puts
+        the previous value (GDAL's default, 5 % of RAM) back on exit, so with concurrent
+        requests the bound flipped between the two and the cache outgrew the setting.
+        `tiler.process.configure_process` sets it once per process instead.
+        """
+        out = self.options()
+        del out["GDAL_CACHEMAX"]
+        return out
+
     def worst_http_seconds(self) -> float:
         """Longest one HTTP request of GDAL can take, retries included.
 
