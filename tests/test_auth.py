@@ -556,9 +556,7 @@ def test_catalogue_wmts_lists_only_what_the_caller_may_tile(auth_client, keys):
     def layer_collections(headers=None, path="/WMTSCapabilities.xml"):
         r = c.get(path, params={"tilematrixsets": "LAMB93"}, headers=headers or {})
         assert r.status_code == 200, r.text
-        ids = re.findall(
-            r"<Layer>\s*<ows:Title>[^<]*</ows:Title>.*?<ows:Identifier>([^<]+)</ows:Identifier>", r.text, re.S
-        )
+        ids = re.findall(r"<Layer>\s*<ows:Title>[^<]*</ows:Title>.*?<ows:Identifier>([^<]+)</ows:Identifier>", r.text, re.S)
         return {i.rsplit("_LAMB93_", 1)[0] for i in ids}, r.text
 
     assert layer_collections(bearer(make_jwt(keys)))[0] == {A}
@@ -589,9 +587,7 @@ def test_collections_and_items_listings_follow_the_policy(auth_client, sample, k
     h = bearer(make_jwt(keys))
     assert [x["id"] for x in c.get("/collections", headers=h).json()["collections"]] == [A]
     items = c.get(f"/collections/{A}/items", headers=h).json()["items"]
-    assert [it["id"] for it in items] == [
-        it["id"] for it in sorted(sample.items, key=lambda i: i["properties"]["datetime"], reverse=True)
-    ]
+    assert [it["id"] for it in items] == [it["id"] for it in sorted(sample.items, key=lambda i: i["properties"]["datetime"], reverse=True)]
     assert c.get(f"/collections/{B}/items", headers=h).status_code == 403
     assert c.get(f"/collections/{A}/items", params={"limit": 100000}, headers=h).status_code == 422
     assert c.get(f"/collections/{A}/items", params={"bbox": "1,2"}, headers=h).status_code == 400

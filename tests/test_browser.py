@@ -60,29 +60,17 @@ def test_viewer_shows_imagery_and_switching_preset_changes_it(live_server, sampl
     diff = np.abs(natural[:, SIDE:] - ndvi[:, SIDE:]).sum(axis=-1) > 60
     assert diff.mean() > 0.1
     # the green channel dominates more in NDVI (rdylgn) than in natural colour
-    assert (ndvi[:, SIDE:, 1] - ndvi[:, SIDE:, 0]).mean() > (
-        natural[:, SIDE:, 1] - natural[:, SIDE:, 0]
-    ).mean()
+    assert (ndvi[:, SIDE:, 1] - ndvi[:, SIDE:, 0]).mean() > (natural[:, SIDE:, 1] - natural[:, SIDE:, 0]).mean()
 
 
 @needs_chromium
 def test_viewer_lists_items_and_urls(live_server, sample):
     # the page itself is static; the state it builds is in its URL fields (checked through the DOM dump)
     out = subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--virtual-time-budget=15000",
-            "--dump-dom",
-            f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}",
-            f"{live_server}/viewer?collection={C}&preset=false-color&grid=LAMB93",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000", "--dump-dom",
+         f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}",
+         f"{live_server}/viewer?collection={C}&preset=false-color&grid=LAMB93"],
+        capture_output=True, text=True, timeout=120, check=False,
     ).stdout
     for it in sample.items:
         assert f'data-item="{it["id"]}"' in out

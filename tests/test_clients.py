@@ -42,9 +42,7 @@ def _correlation(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> float:
     return float(np.corrcoef(a[valid].astype(float), b[valid].astype(float))[0, 1])
 
 
-def _expected_picture(
-    db, sample, i: int, xs: np.ndarray, ys: np.ndarray, crs: str
-) -> tuple[np.ndarray, np.ndarray]:
+def _expected_picture(db, sample, i: int, xs: np.ndarray, ys: np.ndarray, crs: str) -> tuple[np.ndarray, np.ndarray]:
     """The natural-colour picture of item ``i`` at map coordinates xs/ys (nearest, item stretch)."""
     exp, valid = expected_nearest(sample.path(i, "ms"), xs, ys, src_crs_of_xy=crs)
     return stretch8(exp[[2, 1, 0]], item_stretch(db, sample, i, "ms", ["red", "green", "blue"])), valid
@@ -96,12 +94,7 @@ def test_owslib_parses_the_catalogue_and_fetches_a_tile(live_server, sample):
     limits = layer.tilematrixsetlinks["WebMercatorQuad"].tilematrixlimits[str(z)]
     assert limits.mintilecol <= x <= limits.maxtilecol and limits.mintilerow <= y <= limits.maxtilerow
     tile = wmts.gettile(
-        layer=layer.id,
-        tilematrixset="WebMercatorQuad",
-        tilematrix=str(z),
-        row=y,
-        column=x,
-        format="image/png",
+        layer=layer.id, tilematrixset="WebMercatorQuad", tilematrix=str(z), row=y, column=x, format="image/png"
     )
     img = read_png(tile.read())
     valid = img[..., 3] > 0
@@ -174,11 +167,7 @@ def test_qgis_renders_the_xyz_and_wmts_layers(live_server, db, sample, tmp_path)
     env.pop("PYTHONPATH", None)
     args = {"layers": layers, "extent": extent, "size": size, "out": str(tmp_path)}
     r = subprocess.run(
-        [SYSTEM_PYTHON, "-c", QGIS_SCRIPT, json.dumps(args)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
+        [SYSTEM_PYTHON, "-c", QGIS_SCRIPT, json.dumps(args)], env=env, capture_output=True, text=True, timeout=240
     )
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])

@@ -62,10 +62,7 @@ def item_stretch(db, sample, i: int, asset: str, bands: list[str]) -> list[tuple
 def stretch8(values: np.ndarray, ranges: list[tuple[float, float]], truncate: bool = True) -> np.ndarray:
     """rio-tiler's linear rescale to 0-255 (truncated to uint8 like rio-tiler, or as floats)."""
     out = np.stack(
-        [
-            (np.clip(v.astype("float64"), lo, hi) - lo) / (hi - lo) * 255
-            for v, (lo, hi) in zip(values, ranges, strict=True)
-        ]
+        [(np.clip(v.astype("float64"), lo, hi) - lo) / (hi - lo) * 255 for v, (lo, hi) in zip(values, ranges, strict=True)]
     )
     return out.astype("uint8") if truncate else out
 
@@ -104,14 +101,7 @@ def test_builtin_weights_are_the_documented_band_overlaps():
 
 def test_renders_replace_builtins_and_bad_renders_are_skipped():
     merged = P.merged(
-        {
-            "natural": {
-                "title": "Provider RGB",
-                "assets": ["ms"],
-                "asset_bidx": "ms|3,2,1",
-                "rescale": [[0, 900]],
-            }
-        },
+        {"natural": {"title": "Provider RGB", "assets": ["ms"], "asset_bidx": "ms|3,2,1", "rescale": [[0, 900]]}},
         {"broken": {"title": "no bands"}, "nir": {"title": "NIR", "bands": ["nir"]}},
     )
     assert merged["natural"].source == "collection" and merged["natural"].assets == ("ms|bidx=3,2,1",)
@@ -129,11 +119,7 @@ def test_renders_replace_builtins_and_bad_renders_are_skipped():
 
 @pytest.mark.parametrize(
     "preset,asset,bands",
-    [
-        ("natural", "ms", ["red", "green", "blue"]),
-        ("false-color", "ms", ["nir", "red", "green"]),
-        ("panchromatic", "pan", None),
-    ],
+    [("natural", "ms", ["red", "green", "blue"]), ("false-color", "ms", ["nir", "red", "green"]), ("panchromatic", "pan", None)],
 )
 def test_item_tile_of_a_band_preset_equals_source(client, db, sample, preset, asset, bands):
     """A preset is a picture: the source bands in the preset's order, through the item's 2-98 % stretch."""
@@ -186,10 +172,7 @@ def test_item_ndvi_tile_is_the_index_through_the_colormap(client, sample):
     assert both.sum() > 1000 and (valid == exp_valid).mean() > 0.97
     assert ndvi[both].std() > 0.2  # fields, forest, soil and water: a real spread of values
     # each pixel is the colormap entry of its index (one step of tolerance for rounding)
-    err = np.min(
-        [np.abs(rgba[..., :3] - lut[np.clip(exp8.astype(int) + d, 0, 255)]).max(axis=-1) for d in (-1, 0, 1)],
-        axis=0,
-    )
+    err = np.min([np.abs(rgba[..., :3] - lut[np.clip(exp8.astype(int) + d, 0, 255)]).max(axis=-1) for d in (-1, 0, 1)], axis=0)
     assert (err[both] <= 1).mean() > 0.97
     # vegetation shows green, water and bare soil red/orange
     veg, bare = both & (ndvi > 0.5), both & (ndvi < 0.05)
@@ -220,18 +203,14 @@ def test_item_pansharpened_tile_is_closer_to_the_truth_than_upsampled_ms(client,
     ps, ps_valid = read_tif(client.get(url, params={"preset": "pansharpened"}).content)
     # plain MS upsampled the same way (bilinear), natural band order
     up, up_valid = read_tif(
-        client.get(
-            url, params={"preset": "natural", "resampling": "bilinear", "reproject": "bilinear"}
-        ).content
+        client.get(url, params={"preset": "natural", "resampling": "bilinear", "reproject": "bilinear"}).content
     )
     stretch = item_stretch(db, sample, 0, "ms", ["red", "green", "blue"])
     truth = stretch8(_truth_on_tile(sample, 0, x, y, z)[[2, 1, 0]], stretch, truncate=False)
     valid = ps_valid & up_valid
     assert valid.mean() > 0.9
     r_up, r_ps = rmse(up, truth, valid), rmse(ps, truth, valid)
-    print(
-        f"\nz{z} RMSE red/green/blue (grey levels): upsampled MS {np.round(r_up, 2)}, pansharpened {np.round(r_ps, 2)}"
-    )
+    print(f"\nz{z} RMSE red/green/blue (grey levels): upsampled MS {np.round(r_up, 2)}, pansharpened {np.round(r_ps, 2)}")
     assert (r_up / r_ps > 1.5).all(), (r_up, r_ps)
 
 
@@ -248,9 +227,7 @@ def test_pansharpened_pixels_keep_the_colour_of_the_ms(client, sample):
             continue
         assert ps["band_descriptions"] == ["red", "green", "blue"]
         for a, b in ((0, 1), (1, 2)):
-            assert ps["values"][a] / ps["values"][b] == pytest.approx(
-                ms["values"][a] / ms["values"][b], rel=0.01
-            )
+            assert ps["values"][a] / ps["values"][b] == pytest.approx(ms["values"][a] / ms["values"][b], rel=0.01)
         checked += 1
     assert checked > 20
 
@@ -317,9 +294,7 @@ def reordered(dsn, sample, tmp_path_factory):
             name = ms["href"].rsplit("/", 1)[1].replace(".tif", "_REORDERED.tif")
             ms["href"] = ms["href"].rsplit("/", 1)[0] + "/" + name
             ms["eo:bands"] = [ms["eo:bands"][j] for j in idx]
-            ms["raster:bands"] = [
-                {"data_type": "uint16", "nodata": NODATA, "spatial_resolution": MS_RES} for _ in idx
-            ]
+            ms["raster:bands"] = [{"data_type": "uint16", "nodata": NODATA, "spatial_resolution": MS_RES} for _ in idx]
             path = sample.directory / name
             ms["file:size"], ms["file:header_size"] = path.stat().st_size, header_size(path)
             if i == 1:
@@ -341,14 +316,10 @@ def test_presets_ignore_the_band_order_of_the_files(client, sample, reordered, p
     x, y = centre_tile(sample, 0, z)
     tile = f"tiles/WebMercatorQuad/{z}/{x}/{y}.tif"
     a, av = read_tif(client.get(f"{item_url(sample, 0)}/{tile}", params={"preset": preset}).content)
-    b, bv = read_tif(
-        client.get(f"{item_url(sample, 0, reordered)}/{tile}", params={"preset": preset}).content
-    )
+    b, bv = read_tif(client.get(f"{item_url(sample, 0, reordered)}/{tile}", params={"preset": preset}).content)
     assert av.sum() > 1000 and np.array_equal(av, bv) and np.array_equal(a[:, av], b[:, av])
     # a fixed index would have shown other bands: the test can fail
-    c, _ = read_tif(
-        client.get(f"{item_url(sample, 0, reordered)}/{tile}", params={"assets": "ms|bidx=3,2,1"}).content
-    )
+    c, _ = read_tif(client.get(f"{item_url(sample, 0, reordered)}/{tile}", params={"assets": "ms|bidx=3,2,1"}).content)
     if preset == "natural":
         assert not np.array_equal(a[:, av], c[:, av])
 
@@ -366,14 +337,12 @@ def test_pansharpening_needs_weights_for_the_platform(client, sample, reordered)
     z = 16
     x, y = centre_tile(sample, 1, z)
     r = client.get(
-        f"{item_url(sample, 1, reordered)}/tiles/WebMercatorQuad/{z}/{x}/{y}.png",
-        params={"preset": "pansharpened"},
+        f"{item_url(sample, 1, reordered)}/tiles/WebMercatorQuad/{z}/{x}/{y}.png", params={"preset": "pansharpened"}
     )
     assert r.status_code == 400 and "landsat-9" in r.json()["detail"]
     x, y = centre_tile(sample, 0, z)
     r = client.get(
-        f"{item_url(sample, 0, reordered)}/tiles/WebMercatorQuad/{z}/{x}/{y}.png",
-        params={"preset": "pansharpened"},
+        f"{item_url(sample, 0, reordered)}/tiles/WebMercatorQuad/{z}/{x}/{y}.png", params={"preset": "pansharpened"}
     )
     assert r.status_code == 200  # spot-6: the built-in weights
 
@@ -410,8 +379,7 @@ def test_mosaic_has_one_stretch_per_collection(client, db, sample):
         exp = read_png(
             client.get(
                 url,
-                params=[("assets", "ms|bands=red,green,blue")]
-                + [("rescale", f"{lo},{hi}") for lo, hi in stretch],
+                params=[("assets", "ms|bands=red,green,blue")] + [("rescale", f"{lo},{hi}") for lo, hi in stretch],
             ).content
         )
         assert got[..., 3].mean() > 100 and np.array_equal(got, exp), i
@@ -434,10 +402,7 @@ def test_pansharpened_mosaic_tile_shows_the_newest_scene(client, sample):
     z = 16
     x, y = centre_tile(sample, 1, z)  # scenes 1 and 2 overlap here; 2 is the newest
     tile = f"tiles/WebMercatorQuad/{z}/{x}/{y}.tif"
-    params = {
-        "preset": "pansharpened",
-        "rescale": "0,4000",
-    }  # the item's and the collection's stretches differ
+    params = {"preset": "pansharpened", "rescale": "0,4000"}  # the item's and the collection's stretches differ
     mosaic, mv = read_tif(client.get(f"/collections/{C}/{tile}", params=params).content)
     newest, nv = read_tif(client.get(f"{item_url(sample, 2)}/{tile}", params=params).content)
     assert nv.sum() > 1000 and (mv[nv]).all()
@@ -525,8 +490,7 @@ def test_preset_without_its_band_is_a_400(client, sample, dsn, tmp_path):
     body = client.get("/collections/spot67-ms-only/presets").json()
     assert set(body["not_applicable"]) == {"panchromatic", "pansharpened"}
     r = client.get(
-        f"/collections/spot67-ms-only/items/{sample.item(0)['id']}/preview.png",
-        params={"preset": "panchromatic"},
+        f"/collections/spot67-ms-only/items/{sample.item(0)['id']}/preview.png", params={"preset": "panchromatic"}
     )
     assert r.status_code == 400 and "pan" in r.json()["detail"]
 
@@ -542,7 +506,9 @@ def test_gdal_wmts_driver_lists_one_layer_per_preset_and_grid(live_server, sampl
         with rasterio.open(f"WMTS:{caps},layer={item_id}_LAMB93_false-color") as ds:
             assert ds.crs.to_epsg() == 2154 and ds.count == 4  # RGBA
             w, s_, e, n = sample.item(0)["bbox"]
-            lx, ly = Transformer.from_crs("EPSG:4326", "EPSG:2154", always_xy=True).transform([w, e], [s_, n])
+            lx, ly = Transformer.from_crs("EPSG:4326", "EPSG:2154", always_xy=True).transform(
+                [w, e], [s_, n]
+            )
             window = ds.window(min(lx), min(ly), max(lx), max(ly))
             img = ds.read(window=window, out_shape=(4, 256, 256))
     valid = img[3] > 0

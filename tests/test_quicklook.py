@@ -11,9 +11,7 @@ from tiler.upstream import clear_http_cache
 
 
 def files_read(server) -> set[str]:
-    return {
-        path.rsplit("/", 1)[-1].rsplit("_", 1)[-1] for path, _ in server.ranges
-    }  # MS.tif, PAN.tif, QL.tif
+    return {path.rsplit("/", 1)[-1].rsplit("_", 1)[-1] for path, _ in server.ranges}  # MS.tif, PAN.tif, QL.tif
 
 
 def tile(client, server, base: str, z: int, lonlat, **params):
@@ -38,9 +36,7 @@ def test_item_tiles_below_the_cog_minzoom_come_from_the_quicklook(client, db, sa
     exp = stretch8(exp, item_stretch(db, sample, 0, "overview", ["red", "green", "blue"]))
     both = valid & (img[..., 3] > 0)
     assert both.sum() > 500
-    assert (
-        np.abs(img[..., :3].astype(int) - np.moveaxis(exp, 0, -1).astype(int)).max(axis=-1)[both] <= 1
-    ).mean() > 0.95
+    assert (np.abs(img[..., :3].astype(int) - np.moveaxis(exp, 0, -1).astype(int)).max(axis=-1)[both] <= 1).mean() > 0.95
 
     # at the minzoom the COGs are read, not the quicklook
     tile(client, recorded, base, minzoom, centre)

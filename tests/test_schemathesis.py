@@ -28,12 +28,7 @@ def pins(client, sample) -> dict[str, str]:
     """Path identifiers of data that exists."""
     r = client.post("/searches/register", json={"collections": [C]})
     assert r.status_code == 200, r.text
-    return {
-        "collection_id": C,
-        "item_id": sample.item(0)["id"],
-        "asset_id": "ms",
-        "search_id": r.json()["id"],
-    }
+    return {"collection_id": C, "item_id": sample.item(0)["id"], "asset_id": "ms", "search_id": r.json()["id"]}
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +74,7 @@ def test_no_server_error(api_schema, pins):
                 statuses[response.status_code // 100] = statuses.get(response.status_code // 100, 0) + 1
                 case.validate_response(response, checks=[not_a_server_error])
             except (Exception, BaseExceptionGroup) as e:  # noqa: BLE001 - collect every failing operation
-                failures.setdefault(
-                    case.operation.label, f"{case.as_curl_command()}\n{type(e).__name__}: {str(e)[:500]}"
-                )
+                failures.setdefault(case.operation.label, f"{case.as_curl_command()}\n{type(e).__name__}: {str(e)[:500]}")
 
         run()
         slow.append((time.monotonic() - op_started, operation.label))

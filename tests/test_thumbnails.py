@@ -57,9 +57,7 @@ def test_png_thumbnail_is_the_footprint_with_its_aspect(client, db, sample):
         assert np.corrcoef(img[..., b][both].astype(float), exp[b][both].astype(float))[0, 1] > 0.9
 
 
-@pytest.mark.parametrize(
-    "fmt,params", [("jpeg", {}), ("png", {"background": "white"}), ("webp", {"background": "white"})]
-)
+@pytest.mark.parametrize("fmt,params", [("jpeg", {}), ("png", {"background": "white"}), ("webp", {"background": "white"})])
 def test_white_background(client, sample, fmt, params):
     r = client.get(url(sample, fmt=fmt), params={"size": 128, **params})
     assert r.status_code == 200 and r.headers["content-type"] == f"image/{fmt}"
@@ -132,9 +130,7 @@ def test_thumbnail_reads_an_overview_never_the_full_resolution(client, sample, r
     etag = r.headers["etag"]
     recorded.ranges.clear()
     r = client.get(
-        url(sample, collection=T),
-        params={"preset": "panchromatic", "size": 256},
-        headers={"If-None-Match": etag},
+        url(sample, collection=T), params={"preset": "panchromatic", "size": 256}, headers={"If-None-Match": etag}
     )
     assert r.status_code == 304 and recorded.ranges == []
 
@@ -151,9 +147,7 @@ def test_collection_thumbnail_over_its_extent(client, sample):
     east = max(it["bbox"][2] for it in sample.items)
     south = min(it["bbox"][1] for it in sample.items)
     north = max(it["bbox"][3] for it in sample.items)
-    xs, ys = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True).transform(
-        [west, east], [south, north]
-    )
+    xs, ys = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True).transform([west, east], [south, north])
     assert w / h == pytest.approx((xs[1] - xs[0]) / (ys[1] - ys[0]), rel=0.03)
     alpha = img[..., 3] > 0
     assert 0.3 < alpha.mean() < 0.95 and not alpha[0, -1]  # three rotated scenes, empty corners
