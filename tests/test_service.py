@@ -214,6 +214,5 @@ def test_gdal_block_cache_bound_is_set_once_per_process_and_stays(dsn, sample):
             used, _ = native.gdal_block_cache()  # the datasets stay open, their blocks cached
             assert 0 < used <= bound
     finally:
-        native.set_gdal_cache_max(
-            GdalSettings().options()["GDAL_CACHEMAX"]
-        )  # the default, as other apps set it
+        # back to the default bound, the one the other tests' apps set
+        native.set_gdal_cache_max(GdalSettings().options()["GDAL_CACHEMAX"])

@@ -120,7 +120,11 @@ def ingest(paths: tuple[str, ...], dsn: str | None, stats: bool, recompute_stats
     dsn = dsn or DatabaseSettings().dsn
     try:
         ncoll, nitems = load(
-            dsn, paths, stats=stats, recompute_stats=recompute_stats, gdal_options=GdalSettings().options()
+            dsn,
+            paths,
+            stats=stats,
+            recompute_stats=recompute_stats,
+            gdal_options=GdalSettings().env_options(),
         )
     except InvalidStac as e:
         raise click.ClickException(str(e)) from e

@@ -173,10 +173,7 @@ def _stored_assets(conn: psycopg.Connection, items: list[dict]) -> dict[tuple[st
 
 
 def _compute(asset: dict, gdal_options: Mapping[str, str | int]) -> tuple[list[dict], int | None]:
-    # GDAL_CACHEMAX is process-wide in GDAL (the other options are per thread): rasterio.Env
-    # sets it and restores it on exit, which concurrent worker threads interleave, leaving
-    # whatever value was set last for the rest of the process. Leave it alone here.
-    env = {k: v for k, v in gdal_options.items() if k != "GDAL_CACHEMAX"}
+    env = dict(gdal_options)  # per-thread options only (GdalSettings.env_options: no GDAL_CACHEMAX)
     if asset.get("file:header_size"):
         env["GDAL_INGESTED_BYTES_AT_OPEN"] = asset["file:header_size"]
     with rasterio.Env(**env):
@@ -230,7 +227,7 @@ def add_statistics(
 
     if not todo:
         return report
-    options = dict(gdal_options if gdal_options is not None else GdalSettings().options())
+    options = dict(gdal_options if gdal_options is not None else GdalSettings().env_options())
     with (
         ThreadPoolExecutor(max_workers=min(STATS_WORKERS, len(todo))) as pool,
         tqdm(total=len(todo), unit="asset", disable=not progress, desc="statistics") as bar,
