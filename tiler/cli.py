@@ -169,10 +169,11 @@ def sample_data(directory: Path, base_url: str, scenes: int, size: int) -> None:
     help="Let ROLE read and add token revocations (the tiler's role). Repeatable.",
 )
 def migrate(dsn: str | None, readers: tuple[str, ...], revokers: tuple[str, ...]) -> None:
-    """Install or upgrade the pgstac schema and the token revocation table; grant roles."""
+    """Install or upgrade the pgstac schema, the mosaic search function and the token revocation table; grant roles."""
     from pypgstac.db import PgstacDB
     from pypgstac.migrate import Migrate
 
+    from tiler import mosaicsearch
     from tiler.access import RevocationList
     from tiler.settings import DatabaseSettings
 
@@ -185,6 +186,8 @@ def migrate(dsn: str | None, readers: tuple[str, ...], revokers: tuple[str, ...]
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(RevocationList.DDL)
         click.echo("tiler_auth.revoked_tokens ready")
+        mosaicsearch.install(conn)
+        click.echo("tiler_mosaic.geometrysearch ready")
         for role in readers:
             conn.execute(sql.SQL("GRANT pgstac_read TO {}").format(sql.Identifier(role)))
             click.echo(f"granted pgstac_read to {role}")

@@ -8,7 +8,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI
 
-from tiler import datasets
+from tiler import datasets, mosaicsearch
 from tiler.catalogue import catalogue
 from tiler.db import connection_budget, open_pool
 from tiler.settings import Settings
@@ -31,6 +31,7 @@ def lifespan(
     async def run(app: FastAPI) -> AsyncIterator[None]:
         app.state.dbpool = open_pool(settings.db, statement_timeout=settings.api.request_timeout)
         app.state.catalogue = catalogue(app.state.dbpool)
+        mosaicsearch.configure(app.state.dbpool, enabled=settings.db.mosaic_search == "tiler")
         stac = app.state.stac
         stac_conn = settings.stac.max_conn if stac is not None else 0
         problem = connection_budget(app.state.dbpool, settings.db, stac_conn=stac_conn)

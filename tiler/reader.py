@@ -17,20 +17,28 @@ that is upstream (see tests/test_stats.py), not fixed here.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import attr
 import numpy as np
+from cachetools import cached
+from cachetools.keys import hashkey
+from geojson_pydantic.geometries import Geometry
+from psycopg import errors as pg_errors
 from rasterio.warp import calculate_default_transform
 from rio_tiler.io import Reader
 from rio_tiler.models import ImageData, PointData
 from rio_tiler.types import AssetInfo, AssetType
 from titiler.core.dependencies import _parse_asset
+from titiler.pgstac import backend as pgstac_backend
 from titiler.pgstac.backend import PGSTACBackend
+from titiler.pgstac.errors import MosaicNotFoundError
 from titiler.pgstac.reader import PgSTACReader, SimpleSTACReader
+from titiler.pgstac.utils import retry
 
-from tiler import deadline
+from tiler import deadline, mosaicsearch
 from tiler.catalogue import catalogue
 from tiler.deadline import Budget
 from tiler.errors import InvalidPansharpenParameters
@@ -322,6 +330,60 @@ class MosaicBackend(PGSTACBackend):
 
     def _zooms(self) -> tuple[int, int] | None:
         return catalogue(self.pool).search_zooms(self.input, self.tms)
+
+    @cached(  # type: ignore[misc]
+        pgstac_backend.ttl_cache,
+        key=lambda self, geom, **kwargs: hashkey(self.input, str(geom), **kwargs),
+        lock=threading.Lock(),
+    )
+    def get_assets(  # type: ignore[override]
+        self,
+        geom: Geometry,
+        fields: dict[str, Any] | None = None,
+        scan_limit: int | None = None,
+        items_limit: int | None = None,
+        time_limit: int | None = None,
+        exitwhenfull: bool | None = None,
+        skipcovered: bool | None = None,
+    ) -> list[dict]:
+        """titiler-pgstac's item lookup, through `tiler.mosaicsearch` when the database has it.
+
+        Same cache, retries, defaults and errors as `PGSTACBackend.get_assets`; only the SQL
+        function differs (same items in the same order, `tiler_mosaic.geometrysearch`).
+        """
+        config = pgstac_backend.pgstac_config
+        args = (
+            geom,
+            fields or {"include": ["assets", "id", "bbox", "collection"]},
+            scan_limit or config.scan_limit,
+            items_limit or config.items_limit,
+            time_limit or config.time_limit,
+            config.exitwhenfull if exitwhenfull is None else exitwhenfull,
+            config.skipcovered if skipcovered is None else skipcovered,
+        )
+        if not mosaicsearch.available(self.pool):
+            # titiler-pgstac's own query (its retries, without its cache: this method has it)
+            return PGSTACBackend.get_assets.__wrapped__(self, *args)  # type: ignore[attr-defined]
+        return self._tile_items(*args)
+
+    @retry(
+        tries=pgstac_backend.retry_config.retry,
+        delay=pgstac_backend.retry_config.delay,
+        exceptions=(pg_errors.OperationalError, pg_errors.InterfaceError),
+    )
+    def _tile_items(self, geom: Geometry, *options: Any) -> list[dict]:
+        """`mosaicsearch.search` with ``options`` = (fields, scan, items and time limits, exitwhenfull, skipcovered)."""
+        with self.pool.connection() as conn:
+            try:
+                return mosaicsearch.search(
+                    conn, geom.model_dump_json(exclude_none=True), self.input, *options
+                )
+            except (pg_errors.RaiseException, pg_errors.NotNullViolation) as e:
+                if f"Search with Query Hash {self.input} Not Found" in str(
+                    e
+                ) or 'null value in column "search" of relation "searches"' in str(e):
+                    raise MosaicNotFoundError(f"SearchId `{self.input}` not found") from e
+                raise
 
     @property
     def minzoom(self) -> int:  # type: ignore[override]

@@ -149,6 +149,17 @@ class DatabaseSettings(BaseSettings):
         validation_alias="TILER_DB_STRICT_BUDGET",
         description="Refuse to start when the pools could exceed the server's max_connections.",
     )
+    mosaic_search: Literal["tiler", "pgstac"] = Field(
+        default="tiler",
+        validation_alias="TILER_DB_MOSAIC_SEARCH",
+        description=(
+            "How a mosaic tile finds its items. `tiler`: `tiler_mosaic.geometrysearch` (pgstac's "
+            "geometrysearch without its per-call temporary table and notices, items hydrated in the "
+            "worker; installed by `tiler migrate` or at first use), falling back to pgstac's when "
+            "missing or on another pgstac minor version. `pgstac`: `pgstac.geojsonsearch`, as "
+            "titiler-pgstac does."
+        ),
+    )
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
