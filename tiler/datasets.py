@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from tiler import native
+from tiler import native, overviewread
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ class DatasetPool:
 
 def _close(datasets: list[Any]) -> None:
     for ds in datasets:
+        overviewread.close_derived(ds)  # the overview levels opened for it go with it
         try:
             ds.close()
         except Exception:  # noqa: BLE001 - closing a dataset GDAL already gave up on

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rio_tiler.profiles import img_profiles
 
-from tiler import datasets, native, opener, warpcache
+from tiler import datasets, native, opener, overviewread, warpcache
 from tiler.dependencies import install_inline_dependencies
 from tiler.logs import configure_logging, redact_library_logs
 from tiler.metrics import ORIGIN
@@ -35,6 +35,10 @@ def configure_process(settings: Settings) -> list[Credential]:
     # titiler's render_image lets rio-tiler's profile win over per-call options: set the level there
     img_profiles.data["png"]["zlevel"] = settings.reader.png_zlevel
     warpcache.install()
+    if settings.reader.direct_overviews:
+        overviewread.install()
+    else:
+        overviewread.uninstall()
     install_inline_dependencies()
     credentials = load_credentials(settings.upstream.credentials_file)
     if settings.cog.enabled:

@@ -382,6 +382,15 @@ class ReaderSettings(BaseSettings):
         ),
     )
 
+    direct_overviews: bool = Field(
+        default=True,
+        description=(
+            "Reprojected reads that GDAL would serve from an overview are warped from that overview "
+            "level alone (`tiler.overviewread`): the same pixels without GDAL building a warped VRT "
+            "for every overview of the file on every tile. false: rio-tiler's read."
+        ),
+    )
+
     multirange: bool = Field(
         default=True,
         description=(
