@@ -270,17 +270,21 @@ def test_other_cases_are_rio_tilers_read(cogs):
     assert after["rio_tiler"] - before["rio_tiler"] >= 3
 
 
-def test_levels_close_with_their_dataset(cogs):
+def test_levels_close_with_their_dataset_and_few_stay_open(cogs):
     overviewread.install()
     try:
         src = rasterio.open(cogs["pan"])
         r = Reader(str(cogs["pan"]), dataset=src)
-        t = tiles_of(cogs["pan"], [13], 1)[0]
-        r.tile(t.x, t.y, t.z)
-        levels = list(overviewread._derived[src]["levels"].values())
-        assert levels and not any(ds.closed for ds in levels)
+        for z in range(9, 17):  # every level of the file, and its full resolution
+            t = tiles_of(cogs["pan"], [z], 1)[0]
+            r.tile(t.x, t.y, t.z)
+        levels = overviewread._derived[src]["levels"]
+        assert len(overviewread._derived[src]["sizes"]) == 4
+        assert 0 < len(levels) <= overviewread.LEVELS_KEPT  # the others were closed
+        kept = list(levels.values())
+        assert not any(ds.closed for ds in kept)
         overviewread.close_derived(src)
-        assert all(ds.closed for ds in levels)
+        assert all(ds.closed for ds in kept)
         src.close()
     finally:
         overviewread.uninstall()

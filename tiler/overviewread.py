@@ -18,10 +18,14 @@ tests/test_overviewread.py compares every field of the tiles with rio-tiler's ow
 many grids. The band metadata (descriptions, statistics, scales, offsets) comes from the
 dataset itself, as with rio-tiler's VRT, and the bounds from rio-tiler's grid.
 
+Reads GDAL serves at full resolution (an output not smaller than the VRT: max zoom) go to
+the full-resolution handle too, so one handle per file decodes those blocks; at most
+`LEVELS_KEPT` level handles stay open per dataset, without GDAL's per-handle read cache.
+
 Only the common case takes this path: a plain dataset with overviews, a reprojection with
-rio-tiler's grid options and nothing else, no window, nearest resampling for the output,
-no unscaling, and a smaller output than the VRT. Anything else, or any failure to open the
-level, is rio-tiler's read unchanged. ``TILER_READER_DIRECT_OVERVIEWS=false`` turns it off.
+rio-tiler's grid options and nothing else, no window, nearest resampling for the output and
+no unscaling. Anything else, or any failure to open the level, is rio-tiler's read unchanged.
+``TILER_READER_DIRECT_OVERVIEWS=false`` turns it off.
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ GDAL_MINOR = "3.10."
 _GRID_OPTIONS = {"crs", "transform", "width", "height", "dtype"}
 #: GDAL's default oversampling threshold for a nearest-neighbour read (GDAL_OVERVIEW_OVERSAMPLING_THRESHOLD)
 _NEAREST_THRESHOLD = 1.2
+
+#: overview levels kept open per dataset, least recently used closed first (the full
+#: resolution and the level of the zoom in view)
+LEVELS_KEPT = 2
 
 _lock = threading.Lock()
 #: per open dataset: sizes of its overviews, the datasets of single levels, band metadata
@@ -93,19 +101,37 @@ def _overview_sizes(src_dst: Any, state: dict) -> list[tuple[int, int]]:
     sizes = state.get("sizes")
     if sizes is None:
         sizes = []
-        for i in range(len(src_dst.overviews(1))):
-            level = _level(src_dst, state, i)
-            sizes.append((level.width, level.height))
+        for i in range(len(src_dst.overviews(1))):  # opened once to be measured, not kept
+            with _open(src_dst.name, f"{i} only") as level:
+                sizes.append((level.width, level.height))
         state["sizes"] = sizes
     return sizes
 
 
+def _open(name: str, level: str) -> Any:
+    """``name`` at one level, without GDAL's per-handle read cache (``VSI_CACHE``, up to 5 MB each).
+
+    The bytes are cached already where the dataset itself reads them from (the known-size
+    reader's chunk cache, GDAL's ``/vsicurl/`` cache); a cache per level handle only adds memory.
+    """
+    with rasterio.Env(VSI_CACHE=False):
+        return rasterio.open(name, OVERVIEW_LEVEL=level)
+
+
 def _level(src_dst: Any, state: dict, level: int | None) -> Any:
-    """The dataset of one overview level alone (None: the full resolution without overviews)."""
-    ds = state["levels"].get(level)
+    """The dataset of one overview level alone (None: the full resolution without overviews).
+
+    At most `LEVELS_KEPT` levels stay open per dataset (a map view reads one or two).
+    """
+    levels = state["levels"]
+    ds = levels.pop(level, None)
     if ds is None or ds.closed:
         option = "NONE" if level is None else f"{level} only"
-        ds = state["levels"][level] = rasterio.open(src_dst.name, OVERVIEW_LEVEL=option)
+        ds = _open(src_dst.name, option)
+    levels[level] = ds  # most recently used last
+    while len(levels) > LEVELS_KEPT:
+        oldest = next(iter(levels))
+        _close_levels({oldest: levels.pop(oldest)})
     return ds
 
 
@@ -265,10 +291,14 @@ def _plan(
         return None
     t = vrt_options["transform"]
     w, h = vrt_options["width"], vrt_options["height"]
-    if t.b != 0 or t.d != 0 or vrt_options["crs"] == src_dst.crs or not (width < w or height < h):
+    if t.b != 0 or t.d != 0 or vrt_options["crs"] == src_dst.crs:
         return None
     if not src_dst.overviews(1) or get_gdal_config("GDAL_OVERVIEW_OVERSAMPLING_THRESHOLD") is not None:
         return None
+    if not (width < w or height < h):
+        # GDAL consults no overview when the output is not smaller: the full resolution, read
+        # from the same handle as the downsampled full-resolution reads (one decode buffer)
+        return None, None
     try:
         sizes = _overview_sizes(src_dst, _state(src_dst))
     except Exception:  # noqa: BLE001 - cannot open the levels: rio-tiler's read
