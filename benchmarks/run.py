@@ -1730,6 +1730,19 @@ class Bench:
                 self.item_tile("ours", it["id"], tiles_in([it], 17)[5], PAN),
                 self.item_tile("stock", it["id"], tiles_in([it], 17)[5], PAN),
             ),
+            # mid zoom: read from an overview (or the full resolution downsampled)
+            (
+                self.item_tile("ours", it["id"], tiles_in([it], 14)[3], MS_RGB),
+                self.item_tile("stock", it["id"], tiles_in([it], 14)[3], MS_RGB),
+            ),
+            (
+                self.item_tile("ours", it["id"], tiles_in([it], 15)[7], PAN),
+                self.item_tile("stock", it["id"], tiles_in([it], 15)[7], PAN),
+            ),
+            (
+                self.item_tile("ours", it["id"], tiles_in([it], 13)[2], PAN),
+                self.item_tile("stock", it["id"], tiles_in([it], 13)[2], PAN),
+            ),
             (
                 self.mosaic_tile(COLLECTIONS["ours"], tiles_in(self.items, 15, 2)[0]),
                 self.mosaic_tile(COLLECTIONS["stock"], tiles_in(self.items, 15, 2)[0]),
