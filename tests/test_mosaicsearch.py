@@ -366,3 +366,37 @@ def test_pgstac_setting_and_unusable_function_fall_back_to_pgstacs_search(dsn, p
         pg.execute("DROP OWNED BY tiler_mosaic_ro")
         pg.execute("DROP ROLE tiler_mosaic_ro")
         mosaicsearch.install(pg)
+
+
+def test_install_losing_a_race_is_retried(dsn, pg, monkeypatch):
+    """Another worker replacing the function at the same moment: this one falls back, then asks again."""
+    import threading
+    import time
+
+    from tiler.db import open_pool
+    from tiler.settings import DatabaseSettings
+
+    monkeypatch.setattr(mosaicsearch, "RECHECK_S", 0.5)
+    pg.execute(f"COMMENT ON FUNCTION {mosaicsearch.SIGNATURE} IS 'an older version'")
+    pool = open_pool(DatabaseSettings(database_url=dsn, max_conn=2))
+    other = psycopg.connect(dsn)  # the other worker, inside its transaction
+    try:
+        other.execute(mosaicsearch.DDL.replace(mosaicsearch.VERSION, "yet another version"))
+        result = {}
+        t = threading.Thread(target=lambda: result.update(first=mosaicsearch.available(pool)))
+        t.start()
+        time.sleep(1.0)  # ours now waits on the other's lock on the function
+        other.commit()  # ours then fails: "tuple concurrently updated"
+        t.join(30)
+        assert result["first"] is False  # pgstac's search for now
+        assert mosaicsearch.available(pool) is False  # not before RECHECK_S
+        time.sleep(0.6)
+        assert mosaicsearch.available(pool) is True  # installed at the next check
+        comment = pg.execute(
+            f"SELECT obj_description(to_regprocedure('{mosaicsearch.SIGNATURE}'), 'pg_proc')"
+        ).fetchone()[0]
+        assert comment == mosaicsearch.VERSION
+    finally:
+        other.close()
+        pool.close()
+        mosaicsearch.install(pg)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -161,11 +162,16 @@ def _usable(conn: Any) -> tuple[bool, bool]:
     return same_minor and comment == VERSION, same_minor and comment != VERSION
 
 
+#: seconds before a pool asks again after an install that failed for another reason than rights
+#: (e.g. another worker replacing the function at the same moment)
+RECHECK_S = 30.0
+
+
 class _State:
-    """Per pool: whether the tiles use `tiler_mosaic.geometrysearch` (None: not known yet)."""
+    """Per pool: (whether the tiles use `tiler_mosaic.geometrysearch`, when to ask again or None)."""
 
     def __init__(self) -> None:
-        self.pools: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+        self.pools: weakref.WeakKeyDictionary[Any, tuple[bool, float | None]] = weakref.WeakKeyDictionary()
         self.disabled: weakref.WeakSet[Any] = weakref.WeakSet()
         self.lock = threading.Lock()
 
@@ -183,21 +189,34 @@ def configure(pool: Any, enabled: bool) -> None:
             _STATE.disabled.add(pool)
 
 
+def _known(pool: Any) -> bool | None:
+    entry = _STATE.pools.get(pool)
+    if entry is None:
+        return None
+    usable, recheck_at = entry
+    if recheck_at is not None and time.monotonic() >= recheck_at:
+        return None
+    return usable
+
+
 def available(pool: Any) -> bool:
     """True when the pool's tiles use `tiler_mosaic.geometrysearch` (checked once, installed if missing).
 
-    A database that cannot be reached is asked again at the next call; a pgstac of another
-    minor version, or a role that may not create the function, gives False for the pool's life.
+    A database that cannot be reached is asked again at the next call, an install that failed
+    for another reason than the role's rights (another worker installing it at the same moment)
+    after `RECHECK_S`; a pgstac of another minor version, or a role that may not create the
+    function, gives False for the pool's life.
     """
     if pool in _STATE.disabled:
         return False
-    known = _STATE.pools.get(pool)
+    known = _known(pool)
     if known is not None:
         return known
     with _STATE.lock:
-        known = _STATE.pools.get(pool)
+        known = _known(pool)
         if known is not None:
             return known
+        recheck_at = None
         try:
             with pool.connection() as conn:
                 usable, install_it = _usable(conn)
@@ -210,11 +229,13 @@ def available(pool: Any) -> bool:
                             "tiler_mosaic.geometrysearch not installed (%s); run `tiler migrate`",
                             e.__class__.__name__,
                         )
+                        if not isinstance(e, pg_errors.InsufficientPrivilege):
+                            recheck_at = time.monotonic() + RECHECK_S
                     usable, _ = _usable(conn)
         except Exception as e:  # noqa: BLE001 - the database is down: decide at the next call
             logger.debug("mosaic search check postponed: %s", e.__class__.__name__)
             return False
-        _STATE.pools[pool] = usable
+        _STATE.pools[pool] = (usable, None if usable else recheck_at)
         logger.info(
             "mosaic tiles use %s", "tiler_mosaic.geometrysearch" if usable else "pgstac.geojsonsearch"
         )
