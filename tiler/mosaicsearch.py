@@ -289,14 +289,17 @@ def _strip_nulls(value: Any) -> Any:
 
 
 def _merge(a: Any, b: Any) -> Any:
-    """``merge_jsonb(a, b)``; `_MISSING` stands for SQL NULL (a key absent from one side)."""
+    """``merge_jsonb(a, b)`` without its null stripping; `_MISSING` stands for SQL NULL (a key absent from one side).
+
+    pgstac strips the nulls of every object it merges, at every depth; under the outermost
+    object merge that is one ``jsonb_strip_nulls`` of the result, which `hydrate` applies.
+    """
     if a == DO_NOT_MERGE:
         return None
     if a is _MISSING or a is None:
         return None if b is _MISSING else b
     if isinstance(a, dict) and isinstance(b, dict):
-        out = {k: _merge(a.get(k, _MISSING), b.get(k, _MISSING)) for k in {**a, **b}}
-        return _strip_nulls(out)
+        return {k: _merge(a.get(k, _MISSING), b.get(k, _MISSING)) for k in {**a, **b}}
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         if not a:
             return None  # jsonb_agg over no rows
@@ -385,4 +388,6 @@ def hydrate(item: dict, base_item: dict | None, fields: dict | None) -> dict:
     else:
         base = _fields(base_item, fields)
     merged = _merge(_fields(item, fields), base)
+    if isinstance(base, dict):  # an object merge: pgstac's null stripping, once for every depth
+        merged = _strip_nulls(merged)
     return merged if isinstance(merged, dict) else {}

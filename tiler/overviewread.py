@@ -145,7 +145,7 @@ def close_derived(src_dst: Any) -> None:
 
 def _choose(
     sizes: list[tuple[int, int]],
-    src_size: tuple[int, int],
+    src_w: int,
     vrt_size: tuple[int, int],
     out_size: tuple[int, int],
 ) -> tuple[int, int, int] | None:
@@ -155,7 +155,7 @@ def _choose(
     ``int(H / r + 0.5)`` with ``r`` = source width / width of the source's overview ``i``;
     GDAL takes the most reduced one whose reduction stays below 1.2 x the requested one.
     """
-    (src_w, _), (w, h), (out_w, out_h) = src_size, vrt_size, out_size
+    (w, h), (out_w, out_h) = vrt_size, out_size
     desired = w / out_w if (w / out_w) < (h / out_h) or out_h == 1 else h / out_h
     best, best_res = None, 0.0
     for i, (ovr_w, _) in enumerate(sizes):
@@ -303,7 +303,7 @@ def _plan(
         sizes = _overview_sizes(src_dst, _state(src_dst))
     except Exception:  # noqa: BLE001 - cannot open the levels: rio-tiler's read
         return None
-    best = _choose(sizes, (src_dst.width, src_dst.height), (w, h), (width, height))
+    best = _choose(sizes, src_dst.width, (w, h), (width, height))
     if best is None:
         return None, None
     level, ow, oh = best
@@ -311,7 +311,7 @@ def _plan(
 
 
 def install() -> bool:
-    """Point rio-tiler's ``part`` at `read` (idempotent); False with a GDAL `_choose` was not checked on."""
+    """Point rio-tiler's ``part`` at `read` (idempotent); False with a GDAL `_choose` was not checked against."""
     if not rasterio.__gdal_version__.startswith(GDAL_MINOR):
         logger.info("GDAL %s: reprojected reads left to rio-tiler", rasterio.__gdal_version__)
         uninstall()
