@@ -18,7 +18,6 @@ from rasterio.crs import CRS
 from rasterio.io import MemoryFile
 from rio_tiler.constants import WGS84_CRS
 from rio_tiler.models import ImageData
-from rio_tiler.utils import render
 from starlette.requests import Request
 from starlette.responses import Response
 from titiler.core.errors import TileNotFoundError
@@ -28,6 +27,7 @@ from titiler.core.resources.enums import ImageType
 from tiler import __version__
 from tiler.cache import not_modified, picture_params
 from tiler.catalogue import catalogue
+from tiler.png import render
 
 WEB_MERCATOR = CRS.from_epsg(3857)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rio_tiler.profiles import img_profiles
 
-from tiler import datasets, native, opener, overviewread, warpcache
+from tiler import datasets, native, opener, overviewread, png, warpcache
 from tiler.dependencies import install_inline_dependencies
 from tiler.logs import configure_logging, redact_library_logs
 from tiler.metrics import ORIGIN
@@ -34,6 +34,7 @@ def configure_process(settings: Settings) -> list[Credential]:
     )
     # titiler's render_image lets rio-tiler's profile win over per-call options: set the level there
     img_profiles.data["png"]["zlevel"] = settings.reader.png_zlevel
+    png.configure(settings.reader.png_encoder == "libdeflate")
     warpcache.install()
     if settings.reader.direct_overviews:
         overviewread.install()

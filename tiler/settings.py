@@ -367,8 +367,16 @@ class ReaderSettings(BaseSettings):
         ge=1,
         le=9,
         description=(
-            "zlib level of PNG output. 1 encodes a 256 px RGBA tile in ~5 ms against ~12.5 ms at "
-            "titiler's 6, for PNGs ~15 % larger."
+            "Deflate level of PNG output. With the libdeflate encoder, 1 encodes a 256 px RGBA tile "
+            "of textured imagery in ~2 ms, 6 (titiler's) in ~9 ms for PNGs ~7 % smaller."
+        ),
+    )
+    png_encoder: Literal["libdeflate", "gdal"] = Field(
+        default="libdeflate",
+        description=(
+            "Who writes PNG tiles: `libdeflate` (`tiler.png`: libpng's row filters in numpy, "
+            "libdeflate; ~3x faster than GDAL at the same level and ~5 % smaller) or `gdal` "
+            "(rio-tiler's render through GDAL's PNG driver). The decoded pixels are the same."
         ),
     )
 
