@@ -191,6 +191,17 @@ def wait_http(port: int, path: str, timeout: float = 60.0) -> None:
         time.sleep(0.25)
 
 
+def malloc_of(pids: list[int]) -> str:
+    """``jemalloc`` when every process of ``pids`` has it loaded, ``glibc`` when none, else ``mixed``."""
+    loaded = set()
+    for pid in pids:
+        try:
+            loaded.add("libjemalloc" in Path(f"/proc/{pid}/maps").read_text())
+        except OSError:
+            continue
+    return {frozenset({True}): "jemalloc", frozenset({False}): "glibc"}.get(frozenset(loaded), "mixed")
+
+
 def worker_pids(master: int, workers: int) -> list[int]:
     """Uvicorn worker processes of ``master`` (itself when it runs a single worker)."""
     if workers == 1:
@@ -1110,6 +1121,8 @@ REDIS_URL: str | None = None  # set by main() when a redis-server runs for the b
 
 #: variables for our server in every case (``--ours-env``)
 OURS_ENV: dict[str, str] = {}
+#: variables for stock titiler-pgstac in every case (``--stock-env``)
+STOCK_ENV: dict[str, str] = {}
 
 
 def start_servers(
@@ -1131,10 +1144,15 @@ def start_servers(
     ours_env.update(extra_env or {})
     stock_env = dict(base_env, **STOCK_GDAL)
     stock_env.pop("PYTHONPATH", None)
+    stock_env.update(STOCK_ENV)
     specs = {
         "ours": (
             "ours",
-            [
+            [  # through `tiler exec`, as the Docker image starts it: the malloc of TILER_READER_ALLOCATOR
+                py,
+                "-m",
+                "tiler.cli",
+                "exec",
                 py,
                 "-m",
                 "uvicorn",
@@ -2353,6 +2371,14 @@ def main() -> int:
         help="extra variable for our server in every case (repeatable), e.g. TILER_READER_MULTIRANGE=false",
     )
     ap.add_argument(
+        "--stock-env",
+        action="append",
+        default=[],
+        metavar="VAR=VALUE",
+        help="extra variable for stock titiler-pgstac in every case (repeatable), e.g. "
+        "LD_PRELOAD=libjemalloc.so.2 to give stock our malloc too",
+    )
+    ap.add_argument(
         "--quick", action="store_true", help="2 rounds, fewer tiles, 20k-item scale case (~3 min)"
     )
     ap.add_argument("--no-redis", action="store_true", help="our tile cache without its shared Redis tier")
@@ -2392,9 +2418,10 @@ def main() -> int:
         skip |= set(CASES) - only
     if args.stream_workers is None:
         args.stream_workers = args.workers
-    if any("=" not in kv for kv in args.stream_env + args.ours_env):
-        ap.error("--stream-env and --ours-env take VAR=VALUE")
+    if any("=" not in kv for kv in args.stream_env + args.ours_env + args.stock_env):
+        ap.error("--stream-env, --ours-env and --stock-env take VAR=VALUE")
     OURS_ENV.update(dict(kv.split("=", 1) for kv in args.ours_env))
+    STOCK_ENV.update(dict(kv.split("=", 1) for kv in args.stock_env))
     scenes = bool(set(CASES) - {"stream"} - skip)  # every case but stream reads the scenes
     shared = bool(SHARED_CASES - skip)
     py = sys.executable
@@ -2423,9 +2450,11 @@ def main() -> int:
         t_setup = time.monotonic() - t_start
         if shared:
             procs = start_servers(args.workers, py)
+            mallocs = {n: malloc_of(worker_pids(p.pid, args.workers)) for n, p in procs.items()}
+            b.results["malloc"] = mallocs
             log(
                 f"servers up: ours :{SERVER_PORTS['ours']}, stock :{SERVER_PORTS['stock']}, "
-                f"{args.workers} workers each"
+                f"{args.workers} workers each; malloc ours {mallocs['ours']}, stock {mallocs['stock']}"
             )
             b.procs = procs
             b.equivalence()

@@ -11,7 +11,8 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 # run offscreen by the system python3) with its WMS/XYZ provider, headless Chromium, and
 # redis-server (the tests start private instances of it for the shared tile cache), and nginx
 # (a private instance with its secure_link module is the presigning storage of the tests).
-packages=(postgresql-15 postgresql-15-postgis-3 python3-venv)
+# libjemalloc2: the malloc `tiler serve` / `tiler demo` preload (TILER_READER_ALLOCATOR, tiler/allocator.py)
+packages=(postgresql-15 postgresql-15-postgis-3 python3-venv libjemalloc2)
 if [ "${1:-}" = "test" ]; then packages+=(python3-qgis qgis-providers chromium redis-server nginx); fi
 need=()
 for pkg in "${packages[@]}"; do

@@ -396,7 +396,7 @@ def test_two_workers_share_metrics_and_log_json(cluster, dsn, tmp_path):
         assert len(caches) == 1
         limits = {s.labels["cache"]: s.value for s in caches[0].samples}
         assert limits["tiles"] == 16 * 2**20 and limits["http_chunks"] == 32_000_000, limits
-        assert limits["gdal_blocks"] == 48 * 2**20, limits  # the defaults, applied at start
+        assert limits["gdal_blocks"] == 32 * 2**20, limits  # the defaults, applied at start
         assert {s.labels["pid"] for s in caches[0].samples} != {str(proc.pid)}  # a worker's, not the master's
     finally:
         proc.terminate()

@@ -59,9 +59,12 @@ def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
     """Serve an existing pgstac database (DATABASE_URL or PG* variables)."""
     import uvicorn
 
+    from tiler.allocator import execute_with_jemalloc
+
     # each worker's pool counts against the database's connection budget (tiler.db.connection_budget)
     os.environ["TILER_DB_WORKERS"] = str(workers)
     settings = _settings()
+    execute_with_jemalloc(settings.reader.allocator, settings.reader.jemalloc_conf)  # workers inherit it
     configure_logging(ctx.obj["log_level"], fmt=settings.observability.log_format)
 
     uvicorn.run(
@@ -73,6 +76,21 @@ def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
         log_config=None,
         access_log=False,  # tiler.access writes one line per request, with its id
     )
+
+
+@cli.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(command: tuple[str, ...]) -> None:
+    """Run COMMAND (e.g. gunicorn) with the malloc of TILER_READER_ALLOCATOR preloaded (the image's CMD)."""
+    from tiler import allocator
+    from tiler.settings import ReaderSettings
+
+    reader = ReaderSettings()
+    env = allocator.environment(reader.allocator, reader.jemalloc_conf, os.environ) or dict(os.environ)
+    try:
+        os.execvpe(command[0], list(command), env)
+    except OSError as e:
+        raise click.ClickException(f"cannot run {command[0]}: {e.strerror}") from None
 
 
 @cli.command()
@@ -313,10 +331,14 @@ def demo(
     """
     from pydantic import ValidationError
 
+    from tiler import allocator
     from tiler.embedded import LocalCluster
-    from tiler.settings import DemoSettings
+    from tiler.settings import DemoSettings, ReaderSettings
 
     try:
+        reader = ReaderSettings()
+        allocator.execute_with_jemalloc(reader.allocator, reader.jemalloc_conf)
+        allocator.forget_preload()  # one process: PostgreSQL, started from here, keeps its own malloc
         defaults = DemoSettings()
     except ValidationError as e:
         msgs = "; ".join(f"{err['loc'][0]}: {err['msg']}" for err in e.errors())

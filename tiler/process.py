@@ -1,15 +1,19 @@
-"""Process-wide set-up, once per worker: logging, metrics, GDAL's dataset pool, PNG level, inline dependencies, credentials."""
+"""Process-wide set-up, once per worker: logging, metrics, malloc, GDAL's dataset pool, PNG encoder, inline dependencies, credentials."""
 
 from __future__ import annotations
 
+import logging
+
 from rio_tiler.profiles import img_profiles
 
-from tiler import datasets, native, opener, overviewread, png, warpcache
+from tiler import allocator, datasets, native, opener, overviewread, png, warpcache
 from tiler.dependencies import install_inline_dependencies
 from tiler.logs import configure_logging, redact_library_logs
 from tiler.metrics import ORIGIN
 from tiler.settings import Settings
 from tiler.upstream import Credential, load_credentials
+
+logger = logging.getLogger(__name__)
 
 
 def configure_process(settings: Settings) -> list[Credential]:
@@ -24,8 +28,11 @@ def configure_process(settings: Settings) -> list[Credential]:
     redact_library_logs()
     if obs.metrics_enabled:
         ORIGIN.enable()
-    datasets.limit_malloc_arenas(settings.reader.malloc_arena_max)
-    datasets.fix_malloc_mmap_threshold(settings.reader.malloc_mmap_threshold_kb)
+    malloc = allocator.active()
+    logger.info("malloc: %s (TILER_READER_ALLOCATOR=%s)", malloc, settings.reader.allocator)
+    if malloc == "glibc":  # jemalloc (tiler.allocator) needs neither
+        datasets.limit_malloc_arenas(settings.reader.malloc_arena_max)
+        datasets.fix_malloc_mmap_threshold(settings.reader.malloc_mmap_threshold_kb)
     # process-wide in GDAL: set here once, never per request (GdalSettings.env_options)
     native.set_gdal_cache_max(settings.gdal.options()["GDAL_CACHEMAX"])
     datasets.configure(settings.reader.pool_size, settings.reader.pool_per_file, settings.reader.pool_ttl)
