@@ -235,9 +235,14 @@ def test_what_it_does_not_write_goes_to_gdal():
         dict(img_format="PNG", colormap={0: (0, 0, 0, 255), 255: (255, 255, 255, 255)}),
         dict(img_format="PNG", nbits=8),  # a creation option we do not implement
         dict(img_format="PNG", zlevel=0),  # out of GDAL's range: GDAL decides
+        dict(img_format="PNG", zlevel="fast"),  # not a number: GDAL decides
     ):
         d = data[:1] if "colormap" in call else data
         assert outcome(png.render, d, mask, **call) == outcome(gdal_render, d, mask, **call), call
+    masked = np.ma.MaskedArray(data, mask=np.zeros(data.shape, bool))
+    assert outcome(png.render, masked, mask, img_format="PNG") == outcome(
+        gdal_render, masked, mask, img_format="PNG"
+    )
     with pytest.raises(InvalidFormat):  # 5 bands: GDAL's error, as before
         png.render(np.zeros((4, 8, 8), "uint8"), mask[:8, :8], img_format="PNG")
     with pytest.raises(InvalidFormat):  # float: GDAL's error, as before

@@ -101,8 +101,18 @@ def render(
 ) -> bytes:
     """rio-tiler's ``render``, with the PNGs described in the module docstring encoded by `encode`."""
     options = {k.lower(): v for k, v in creation_options.items()}
-    level = options.pop("zlevel", DEFAULT_LEVEL)
-    if not _enabled or img_format.upper() != "PNG" or colormap or options or not isinstance(data, np.ndarray):
+    try:
+        level = int(options.pop("zlevel", DEFAULT_LEVEL))
+    except (TypeError, ValueError):
+        level = 0  # GDAL's to judge
+    if (
+        not _enabled
+        or img_format.upper() != "PNG"
+        or colormap
+        or options
+        or type(data) is not np.ndarray  # a masked array: how GDAL fills it is GDAL's
+        or (mask is not None and type(mask) is not np.ndarray)
+    ):
         return _rio_tiler_render(data, mask, img_format=img_format, colormap=colormap, **creation_options)
     if data.ndim == 2:
         data = data[np.newaxis]
@@ -112,14 +122,14 @@ def render(
         or data.dtype not in (np.uint8, np.uint16)
         or count not in COLOR_TYPES
         or 0 in data.shape
-        or not 1 <= int(level) <= 9
+        or not 1 <= level <= 9
     ):
         return _rio_tiler_render(data, mask, img_format=img_format, colormap=colormap, **creation_options)
     if mask is not None:
         if data.dtype == np.uint16:  # rio-tiler: the mask is 0-255 by design, stretched for 16-bit
             mask = linear_rescale(mask, (0, 255), (0, 65535)).astype("uint16")
         data = np.concatenate((data, mask.astype(data.dtype)[np.newaxis]))
-    return encode(data, int(level))
+    return encode(data, level)
 
 
 def configure(enabled: bool) -> None:
