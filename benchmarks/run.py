@@ -192,14 +192,11 @@ def wait_http(port: int, path: str, timeout: float = 60.0) -> None:
 
 
 def malloc_of(pids: list[int]) -> str:
-    """``jemalloc`` when every process of ``pids`` has it loaded, ``glibc`` when none, else ``mixed``."""
-    loaded = set()
-    for pid in pids:
-        try:
-            loaded.add("libjemalloc" in Path(f"/proc/{pid}/maps").read_text())
-        except OSError:
-            continue
-    return {frozenset({True}): "jemalloc", frozenset({False}): "glibc"}.get(frozenset(loaded), "mixed")
+    """The malloc every process of ``pids`` has loaded (`tiler.allocator.active`), else ``mixed``."""
+    from tiler.allocator import active
+
+    found = {active(pid) for pid in pids}
+    return found.pop() if len(found) == 1 else "mixed"
 
 
 def worker_pids(master: int, workers: int) -> list[int]:

@@ -35,10 +35,10 @@ def library() -> str | None:
     return ctypes.util.find_library("jemalloc")
 
 
-def active() -> str:
-    """``jemalloc`` when this process has it loaded, else ``glibc``."""
+def active(pid: int | str = "self") -> str:
+    """``jemalloc`` when process ``pid`` (this one by default) has it loaded, else ``glibc``."""
     try:
-        with open("/proc/self/maps") as maps:
+        with open(f"/proc/{pid}/maps") as maps:
             return "jemalloc" if any("libjemalloc" in line for line in maps) else "glibc"
     except OSError:  # not Linux
         return "glibc"

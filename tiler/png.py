@@ -37,7 +37,7 @@ _RENDER_USERS = [rio_tiler.models, titiler.core.utils]
 _enabled = False
 
 
-def _chunk(kind: bytes, body: bytes) -> bytes:
+def _chunk(kind: bytes, body: bytes | bytearray) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
 
 
@@ -89,7 +89,7 @@ def encode(bands: np.ndarray, level: int = DEFAULT_LEVEL) -> bytes:
     rows = pixels.reshape(height, -1).view(np.uint8)
     body = deflate.zlib_compress(filter_rows(rows, count * bands.dtype.itemsize), level)
     header = struct.pack(">IIBBBBB", width, height, depth, COLOR_TYPES[count], 0, 0, 0)
-    return b"".join((SIGNATURE, _chunk(b"IHDR", header), _chunk(b"IDAT", bytes(body)), _chunk(b"IEND", b"")))
+    return b"".join((SIGNATURE, _chunk(b"IHDR", header), _chunk(b"IDAT", body), _chunk(b"IEND", b"")))
 
 
 def render(
